@@ -1,0 +1,67 @@
+"""Hypothesis building blocks shared by the families' strategies.
+
+Every float array is drawn as float64 values and then rounded to the dtype under
+test, so the array handed to a backend is exactly representable in its dtype and the
+float64 reference sees the very same numbers (DESIGN-NOTES, tolerance policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lmspec._precision import DTYPES
+
+FINITE_MAX = {"float16": 65504.0, "bfloat16": 3.0e38, "float32": 3.0e38, "float64": 1.0e300}
+
+
+def as_dtype(a: np.ndarray | float, dtype: str) -> np.ndarray:
+    """Round ``a`` to ``dtype`` (the array a backend receives)."""
+    return np.asarray(a, dtype=np.float64).astype(DTYPES[dtype])
+
+
+def floats(draw, dtype: str, shape: Sequence[int], lo: float = -3.0, hi: float = 3.0,
+           *, label: str = "array") -> np.ndarray:
+    """An array of ``shape`` with elements in ``[lo, hi]``, rounded to ``dtype``."""
+    elems = st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+    raw = draw(hnp.arrays(np.float64, tuple(shape), elements=elems), label=label)
+    return as_dtype(raw, dtype)
+
+
+REGIMES = ("normal", "large", "very_negative", "ties", "tiny")
+
+
+def logits(draw, dtype: str, shape: Sequence[int], *, label: str = "logits",
+           regimes: Sequence[str] = REGIMES) -> np.ndarray:
+    """Logit-like values in one of several regimes: ordinary, huge magnitude (overflows a
+    naive ``exp``), very negative (underflows), ties, tiny."""
+    regime = draw(st.sampled_from(list(regimes)), label=f"{label} regime")
+    big = min(FINITE_MAX[dtype] / 4, 1e4)
+    if regime == "normal":
+        return floats(draw, dtype, shape, -5, 5, label=label)
+    if regime == "large":
+        return floats(draw, dtype, shape, -big, big, label=label)
+    if regime == "very_negative":
+        return floats(draw, dtype, shape, -big, -big / 2, label=label)
+    if regime == "tiny":
+        return floats(draw, dtype, shape, -1e-3, 1e-3, label=label)
+    vals = st.sampled_from([-1.0, 0.0, 2.0])
+    raw = draw(hnp.arrays(np.float64, tuple(shape), elements=vals), label=label)
+    return as_dtype(raw, dtype)
+
+
+def ints(draw, shape: Sequence[int], high: int, *, low: int = 0, label: str = "ids") -> np.ndarray:
+    """An int64 array of ids in ``[low, high)``."""
+    raw = draw(hnp.arrays(np.int64, tuple(shape), elements=st.integers(low, high - 1)), label=label)
+    return raw.astype(np.int64)
+
+
+def bools(draw, shape: Sequence[int], *, label: str = "mask") -> np.ndarray:
+    return draw(hnp.arrays(np.bool_, tuple(shape), elements=st.booleans()), label=label)
+
+
+def dim(draw, lo: int, hi: int, *, label: str) -> int:
+    return draw(st.integers(lo, hi), label=label)

@@ -1,0 +1,474 @@
+"""The conformance harness: one Hypothesis search per (backend, op, dtype, check).
+
+A *check* is ``"forward"`` (values against the float64 reference), ``"vjp"``
+(gradients against the reference vjp) or the name of a reference-free property.
+Everything here is generic: what varies per op lives in the spec catalogue
+(``lmspec.OPS``) and in the families' conformance declarations (``cases_*``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from hypothesis.errors import HypothesisException
+
+import lmspec
+from lmspec._precision import DTYPES, computing_in
+
+from . import tolerance
+from .declare import CASES, PROPERTIES, Call, Close, Holds, OpCases
+
+for _fam in lmspec.FAMILIES:
+    importlib.import_module(f"lmspec.conformance.cases_{_fam}")
+
+
+def _pin_hypothesis_constants() -> None:
+    """Make generated examples depend only on the seed and the settings.
+
+    Hypothesis mixes constants scraped from every *local* module imported so far into
+    its draws, so the examples of a check would change with whatever else the process
+    happened to import (the CLI, an xdist worker, a plugin). A report must be replayable
+    from its seed, so the scraped pool is pinned to empty (Hypothesis' global pool of
+    interesting values is kept). Private API: if it changes, nothing breaks but replay
+    may differ between processes.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+
+        empty = providers.Constants()
+        providers._get_local_constants = lambda: empty
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+_pin_hypothesis_constants()
+
+PROFILES: dict[str, int] = {"quick": 20, "default": 100, "thorough": 1000}
+STATUSES = ("pass", "fail", "error", "deviation", "unsupported", "skipped")
+CHECK_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    op: str
+    dtype: str
+    check: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}::{self.op}::{self.dtype}::{self.check}"
+
+
+@dataclass
+class Settings:
+    profile: str = "default"
+    max_examples: int | None = None
+    seed: int = 0
+    call_timeout_s: float = CHECK_TIMEOUT_S
+    replay_args: Sequence[str] = ()
+
+    @property
+    def examples(self) -> int:
+        return self.max_examples if self.max_examples is not None else PROFILES[self.profile]
+
+
+def checks_of(op: str) -> list[str]:
+    """The checks run for ``op``: forward, vjp if differentiable, then its properties."""
+    out = ["forward"]
+    if lmspec.OPS[op].diff:
+        out.append("vjp")
+    out += [name for (o, name) in PROPERTIES if o == op]
+    return out
+
+
+def targets(backends: Sequence[Any], ops: Sequence[str], dtypes: Sequence[str] | None,
+            checks: Sequence[str] | None = None) -> list[Target]:
+    """Every (backend, op, dtype, check) to run, in a stable order."""
+    out = []
+    for b in backends:
+        for op in ops:
+            for dt in [d for d in DTYPES if d in b.dtypes and (not dtypes or d in dtypes)]:
+                out += [Target(b.name, op, dt, c) for c in checks_of(op)
+                        if not checks or c in checks]
+    return out
+
+
+# -- failures raised inside the Hypothesis test (so that it shrinks them) -------------
+
+class _Mismatch(AssertionError):
+    """The backend disagrees with the spec (status ``fail``)."""
+
+
+class _BackendError(Exception):
+    """The backend raised, hung, or returned the wrong structure (status ``error``)."""
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt a backend call that runs past ``seconds`` (main thread, POSIX only)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise _Timeout(f"backend call did not return within {seconds:g}s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _backend_call(fn: Callable[..., Any], what: str, timeout: float, *a: Any, **kw: Any) -> Any:
+    try:
+        with _time_limit(timeout):
+            return fn(*a, **kw)
+    except NotImplementedError as exc:
+        raise _Unsupported(str(exc) or "NotImplementedError") from exc
+    except _Timeout as exc:
+        raise _BackendError(f"{what} hung: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any backend failure is an "error" result
+        raise _BackendError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+# -- conversions ------------------------------------------------------------------
+
+def _map(x: Any, fn: Callable[[np.ndarray], Any]) -> Any:
+    if isinstance(x, (tuple, list)):
+        return tuple(_map(a, fn) for a in x)
+    return fn(x) if isinstance(x, np.ndarray) else x
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64) if a.dtype.kind == "f" or a.dtype in DTYPES.values() else a
+
+
+def _as_result(x: Any) -> Any:
+    """A backend's output as NumPy (float outputs as float64), tuples kept."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_as_result(a) for a in x)
+    a = np.asarray(x)
+    if a.dtype == DTYPES["bfloat16"] or a.dtype.kind == "f":
+        return a.astype(np.float64)
+    return a
+
+
+def _named(x: Any, name: str) -> list[tuple[str, Any]]:
+    if isinstance(x, (tuple, list)):
+        return [p for i, a in enumerate(x) for p in _named(a, f"{name}[{i}]")]
+    return [(name, x)]
+
+
+def _op_kwargs(op: str, call: Call, dtype: str) -> dict[str, Any]:
+    kw = dict(call.kwargs)
+    if "dtype" in lmspec.OPS[op].params:
+        kw["dtype"] = dtype
+    return kw
+
+
+def reference(op: str, call: Call) -> Any:
+    """The float64 reference output for ``call``."""
+    kw = _op_kwargs(op, call, "float64")
+    return _as_result(lmspec.OPS[op].reference(*_map(call.args, _widen), **kw))
+
+
+def baseline(op: str, call: Call, dtype: str, cot: Any = None) -> Any:
+    """The spec's own formulas evaluated in ``dtype`` (``None`` if that cannot be done)."""
+    if dtype == "float64":
+        return None
+    kw = _op_kwargs(op, call, dtype)
+    try:
+        with computing_in(dtype), np.errstate(all="ignore"):
+            if cot is None:
+                return _as_result(lmspec.OPS[op].reference(*call.args, **kw))
+            return _as_result(lmspec.vjp(op, call.args, kw, cot))
+    except Exception:  # noqa: BLE001 - a baseline that cannot run only removes the gate
+        return None
+
+
+# -- per-example bookkeeping ------------------------------------------------------
+
+@dataclass
+class _Stats:
+    examples: int = 0
+    unsupported: int = 0
+    unsupported_reason: str = ""
+    ambiguous: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    worst_ratio: float = 0.0
+    worst_tol: dict[str, Any] = field(default_factory=dict)
+    failure: dict[str, Any] | None = None
+
+    def add(self, v: tolerance.Verdict, k: int, name: str) -> None:
+        self.max_abs = max(self.max_abs, v.max_abs)
+        self.max_rel = max(self.max_rel, v.max_rel)
+        if v.ratio >= self.worst_ratio:
+            self.worst_ratio = v.ratio
+            self.worst_tol = {"value": v.tol, "k": k, "output": name}
+
+
+def _jsonable(x: Any) -> Any:
+    """Arrays and scalars as JSON-safe data (non-finite floats as strings)."""
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(a) for a in x]
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        dt = str(x.dtype)
+        data = x.astype(np.float64) if x.dtype == DTYPES["bfloat16"] else x
+        return {"array": _jsonable(data.tolist()), "dtype": dt, "shape": list(x.shape)}
+    if isinstance(x, (np.floating, float)):
+        f = float(x)
+        return f if math.isfinite(f) else repr(f)
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    return x
+
+
+def _seed_of(target: Target, base: int) -> int:
+    """Examples depend on the seed, op, dtype and check — not on the backend — so that
+    every backend is checked on the same inputs."""
+    key = f"{target.op}|{target.dtype}|{target.check}".encode()
+    return (base * 1_000_003 + zlib.crc32(key)) % 2**32
+
+
+def _compare_outputs(oc: OpCases, call: Call, got: Any, ref: Any, base: Any, dtype: str,
+                     stats: _Stats, label: str, cot: Any = None) -> None:
+    k = oc.k(call)
+    scale = oc.scale(call, cot) if oc.scale else None
+    refs, gots = _named(ref, label), _named(got, label)
+    bases = _named(base, label) if base is not None else [(n, None) for n, _ in refs]
+    if len(refs) != len(gots):
+        raise _BackendError(f"{label} has {len(gots)} arrays, but should have {len(refs)}")
+    for (name, r), (_, g), (_, s) in zip(refs, gots, bases):
+        if r is None or g is None:
+            if (r is None) != (g is None):
+                raise _BackendError(f"{name} is {'None' if g is None else 'an array'}, "
+                                    f"but should be {'None' if r is None else 'an array'}")
+            continue
+        ra, ga = np.asarray(r), np.asarray(g)
+        if ra.dtype.kind in "iub" and ga.dtype.kind not in "iub":
+            raise _BackendError(f"{name} has dtype {ga.dtype}, but should be an integer array")
+        if ra.dtype.kind == "f" and ga.dtype.kind not in "f":
+            raise _BackendError(f"{name} has dtype {ga.dtype}, but should be a float array")
+        if ga.shape != ra.shape:
+            raise _BackendError(f"{name} has shape {ga.shape}, but should have shape {ra.shape}")
+        if oc.compare is not None:
+            ok, amb, msg = oc.compare(call, ra, ga, dtype,
+                                      lambda kk, m: tolerance.floor(dtype, kk, m))
+            stats.ambiguous += amb
+            if not ok:
+                raise _Mismatch(msg)
+            continue
+        v = tolerance.compare(name, ga, ra, s, dtype, k, scale)
+        stats.add(v, k, name)
+        if not v.ok:
+            raise _Mismatch(v.message)
+
+
+def _check_claims(claims: Any, dtype: str, stats: _Stats) -> None:
+    for claim in claims:
+        if isinstance(claim, Holds):
+            if not claim.ok:
+                raise _Mismatch(f"{claim.what} does not hold" + (f": {claim.detail}"
+                                                                   if claim.detail else ""))
+            continue
+        assert isinstance(claim, Close), f"a property yielded {claim!r}"
+        expected = np.asarray(claim.expected, dtype=np.float64)
+        scale = claim.scale if claim.scale is not None else max(
+            1.0, float(np.abs(expected[np.isfinite(expected)]).max(initial=0.0)))
+        v = tolerance.compare(claim.what, claim.actual, expected, None, dtype, claim.k, scale)
+        stats.add(v, claim.k, claim.what)
+        if not v.ok:
+            raise _Mismatch(v.message)
+
+
+def _cotangent(draw_data: Any, ref: Any, dtype: str) -> Any:
+    if isinstance(ref, tuple):
+        return tuple(_cotangent(draw_data, r, dtype) for r in ref)
+    from .draw import floats
+
+    shape = np.shape(ref)
+    return floats(draw_data.draw, dtype, shape, -2.0, 2.0, label="cotangent")
+
+
+class _Drawer:
+    """Adapts ``st.data()`` to the ``draw(strategy, label=)`` signature of draw.py helpers."""
+
+    def __init__(self, data: Any):
+        self._data = data
+
+    def draw(self, strategy: st.SearchStrategy[Any], label: str | None = None) -> Any:
+        return self._data.draw(strategy, label=label)
+
+
+# -- one target -------------------------------------------------------------------
+
+def run_target(backend: Any, target: Target, config: Settings,
+               deviations: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one check and return its result record (CONTRACT §5 ``results`` item)."""
+    t0 = time.perf_counter()
+    op, dtype, check = target.op, target.dtype, target.check
+    stats = _Stats()
+    result: dict[str, Any] = {
+        "backend": target.backend, "op": op, "dtype": dtype, "check": check,
+        "status": "pass", "examples": 0, "max_abs_err": 0.0, "max_rel_err": 0.0,
+        "worst_ratio": 0.0, "tolerance": None, "message": "", "counterexample": None,
+        "reproduce": None,
+    }
+
+    def done(status: str, message: str = "") -> dict[str, Any]:
+        result.update(status=status, message=message, examples=stats.examples,
+                      max_abs_err=_jsonable(stats.max_abs), max_rel_err=_jsonable(stats.max_rel),
+                      worst_ratio=_jsonable(stats.worst_ratio),
+                      duration_s=round(time.perf_counter() - t0, 3))
+        if stats.worst_tol or check in ("forward", "vjp") or status == "fail":
+            result["tolerance"] = {
+                "policy": tolerance.POLICY, "c_base": tolerance.C_BASE,
+                "c_floor": tolerance.C_FLOOR, "u": lmspec._precision.UNIT_ROUNDOFF[dtype],
+                "at_worst": _jsonable(stats.worst_tol)}
+        if stats.unsupported:
+            result["unsupported_examples"] = stats.unsupported
+        if stats.ambiguous:
+            result["ambiguous_examples"] = stats.ambiguous
+        if stats.failure is not None and status in ("fail", "error", "deviation"):
+            result["counterexample"] = _jsonable(stats.failure)
+            result["reproduce"] = reproduce_command(target, config)
+        return result
+
+    oc = CASES.get(op)
+    if oc is None:
+        return done("skipped", f"no conformance cases are declared for {op}")
+    method = getattr(backend, op, None)
+    if method is None:
+        return done("unsupported", f"{target.backend} does not implement {op}")
+    if check == "vjp" and not callable(getattr(backend, "vjp", None)):
+        return done("unsupported", f"{target.backend} has no vjp")
+    prop = PROPERTIES.get((op, check)) if check not in ("forward", "vjp") else None
+    if check not in ("forward", "vjp") and prop is None:
+        return done("skipped", f"unknown check {check!r} for {op}")
+    timeout = config.call_timeout_s
+
+    def run_as_backend(name: str, *args: Any, **kwargs: Any) -> Any:
+        fn = getattr(backend, name, None)
+        if fn is None:
+            raise _Unsupported(f"{target.backend} does not implement {name} (used by {check})")
+        kw = _op_kwargs(name, Call(args, kwargs), dtype)
+        return _as_result(_backend_call(fn, f"{name}()", timeout, *args, **kw))
+
+    def example(data: Any) -> None:
+        with np.errstate(all="ignore"):
+            _example(data)
+
+    def _example(data: Any) -> None:
+        drawer = _Drawer(data)
+        strategy = (prop.strategy or oc.strategy) if prop else oc.strategy
+        drawn = data.draw(strategy(dtype), label="input")
+        stats.examples += 1
+        record: dict[str, Any] = {"input": drawn if prop else {"args": drawn.args,
+                                                               "kwargs": dict(drawn.kwargs)}}
+        try:
+            if prop is not None:
+                _check_claims(prop.check(run_as_backend, drawn, dtype), dtype, stats)
+                return
+            ref = reference(op, drawn)
+            kw = _op_kwargs(op, drawn, dtype)
+            if check == "forward":
+                got = _as_result(_backend_call(method, f"{op}()", timeout, *drawn.args, **kw))
+                _compare_outputs(oc, drawn, got, ref, baseline(op, drawn, dtype), dtype, stats,
+                                 "out")
+                return
+            cot = _cotangent(drawer, ref, dtype)
+            record["cotangent"] = cot
+            ref_g = _as_result(lmspec.vjp(op, _map(drawn.args, _widen), kw | (
+                {"dtype": "float64"} if "dtype" in kw else {}), _map(cot, _widen)))
+            got_g = _backend_call(backend.vjp, f"vjp({op!r})", timeout, op, drawn.args, kw, cot)
+            if not isinstance(got_g, (tuple, list)) or len(got_g) != len(drawn.args):
+                raise _BackendError(f"vjp returned {type(got_g).__name__} of length "
+                                    f"{len(got_g) if isinstance(got_g, (tuple, list)) else '-'}"
+                                    f", but should be a tuple of {len(drawn.args)}")
+            names = lmspec.OPS[op].params
+            base_g = baseline(op, drawn, dtype, cot)
+            for i, r in enumerate(ref_g):
+                _compare_outputs(oc, drawn, _as_result(got_g[i]), r,
+                                 None if base_g is None else base_g[i], dtype, stats,
+                                 f"grad {names[i]}", _map(cot, _widen))
+        except _Unsupported as exc:
+            stats.unsupported += 1
+            stats.unsupported_reason = str(exc)
+            return
+        except (_Mismatch, _BackendError) as exc:
+            record["message"] = str(exc)
+            stats.failure = record
+            raise
+
+    test = settings(
+        max_examples=config.examples, deadline=None, database=None, derandomize=False,
+        print_blob=False, report_multiple_bugs=False,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+    )(seed(_seed_of(target, config.seed))(given(st.data())(example)))
+
+    try:
+        test()
+    except _Mismatch as exc:
+        why = _deviation_reason(deviations or {}, target)
+        if why:
+            result["deviation_reason"] = why
+            return done("deviation", f"{exc} [documented deviation: {why}]")
+        return done("fail", str(exc))
+    except _BackendError as exc:
+        return done("error", str(exc))
+    except HypothesisException as exc:
+        return done("error", f"the search failed: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a harness or reference problem is an error too
+        return done("error", f"{type(exc).__name__}: {exc}")
+    if stats.examples and stats.unsupported == stats.examples:
+        return done("unsupported", stats.unsupported_reason)
+    msg = ""
+    if stats.unsupported:
+        msg = f"{stats.unsupported} of {stats.examples} examples unsupported: " \
+              f"{stats.unsupported_reason}"
+    return done("pass", msg)
+
+
+def _deviation_reason(deviations: dict[str, str], t: Target) -> str:
+    """A backend's documented deviation for this target: keys ``op``, ``op/check`` or
+    ``op/check/dtype`` (the narrowest match wins)."""
+    for key in (f"{t.op}/{t.check}/{t.dtype}", f"{t.op}/{t.check}", t.op):
+        if key in deviations:
+            return str(deviations[key])
+    return ""
+
+
+def reproduce_command(t: Target, config: Settings) -> str:
+    parts = ["lmspec", "run", "--backend", t.backend, "--op", t.op, "--dtype", t.dtype,
+             "--check", t.check, "--seed", str(config.seed), "--max-examples",
+             str(config.examples), *config.replay_args]
+    return " ".join(parts)

@@ -1,0 +1,103 @@
+"""The tolerance policy (DESIGN-NOTES §Tolerance), in one place.
+
+For each output array of an example, with ``r`` the float64 reference on the very
+inputs the backend received, ``b`` the backend's answer and ``s`` the spec's own
+formulas evaluated in the dtype under test (the *baseline*):
+
+    max|b − r|  ≤  C_BASE · max|s − r|  +  C_FLOOR · √k · u · M
+
+``u`` is the unit roundoff of the dtype (fp64 2⁻⁵³, fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸),
+``k`` the op's reduction length and ``M`` the magnitude of the result (``max|r|``, or
+an op-declared input-derived scale when larger; 1 when both are 0). The first term is
+FlashAttention's gate: a backend may be at most ``C_BASE`` times less accurate than
+the textbook formula run in the same precision. The second is a rounding-error bound
+for a length-``k`` reduction with random-walk growth. NaN and ±inf must match position
+for position, except that a finite reference beyond the dtype's largest value may be
+answered with the ±inf it rounds to. ``worst_ratio`` = error / tolerance (≤ 1 passes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmspec._precision import DTYPES, UNIT_ROUNDOFF
+
+C_BASE = 2.0
+C_FLOOR = 4.0
+POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
+          "(baseline = spec evaluated in the dtype under test; NaN/inf positions must match)")
+
+
+def floor(dtype: str, k: int, scale: float) -> float:
+    """The rounding-error floor ``C_FLOOR·√k·u·M``."""
+    return C_FLOOR * math.sqrt(max(int(k), 1)) * UNIT_ROUNDOFF[dtype] * (scale or 1.0)
+
+
+@dataclass
+class Verdict:
+    """Outcome of comparing one output array."""
+
+    ok: bool
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    ratio: float = 0.0
+    tol: float = 0.0
+    message: str = ""
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.9g}"
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+
+
+def _where(name: str, idx: tuple[int, ...]) -> str:
+    return f"{name}[{','.join(map(str, idx))}]" if idx else name
+
+
+def compare(name: str, got: object, ref: object, base: object | None, dtype: str, k: int,
+            scale: float | None = None, *, c_base: float = C_BASE) -> Verdict:
+    """Compare ``got`` with the reference ``ref`` under the policy above."""
+    g = np.asarray(got, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if g.shape != r.shape:
+        return Verdict(False, math.inf, math.inf, math.inf, 0.0,
+                       f"{name} has shape {g.shape}, but should have shape {r.shape}")
+    with np.errstate(over="ignore"):
+        rounded = r.astype(DTYPES[dtype]).astype(np.float64)
+    overflow = np.isfinite(r) & np.isinf(rounded) & (g == rounded)
+    same_special = (np.isnan(g) == np.isnan(r)) & (np.isposinf(g) == np.isposinf(r)) & (
+        np.isneginf(g) == np.isneginf(r)) | overflow
+    if not same_special.all():
+        idx = _first(~same_special)
+        return Verdict(False, math.inf, math.inf, math.inf, 0.0,
+                       f"{_where(name, idx)}={_fmt(g[idx])}, but should be {_fmt(r[idx])} "
+                       "(NaN/inf positions must match)")
+    fin = np.isfinite(r) & ~overflow
+    err = np.where(fin, np.abs(g - r), 0.0)
+    max_abs = float(err.max(initial=0.0))
+    mag = float(np.abs(np.where(fin, r, 0.0)).max(initial=0.0))
+    m = max(mag, scale or 0.0) or 1.0
+    base_err = 0.0
+    if base is not None:
+        s = np.asarray(base, dtype=np.float64)
+        if s.shape == r.shape:
+            usable = fin & np.isfinite(s)
+            base_err = float(np.where(usable, np.abs(s - r), 0.0).max(initial=0.0))
+    tol = c_base * base_err + floor(dtype, k, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(fin & (r != 0), err / np.abs(r), np.where(err > 0, np.inf, 0.0))
+    max_rel = float(rel.max(initial=0.0))
+    ratio = max_abs / tol if tol > 0 else (0.0 if max_abs == 0 else math.inf)
+    if ratio <= 1.0:
+        return Verdict(True, max_abs, max_rel, ratio, tol)
+    idx = _first(err == max_abs)
+    return Verdict(False, max_abs, max_rel, ratio, tol,
+                   f"{_where(name, idx)}={_fmt(g[idx])}, but should be {_fmt(r[idx])} "
+                   f"(|err| {max_abs:.3g} > tolerance {tol:.3g}: {c_base:g}*baseline err "
+                   f"{base_err:.3g} + floor(k={k}, M={m:.3g}))")

@@ -1,0 +1,36 @@
+"""lmspec: a property-tested reference specification of language-model math.
+
+``import lmspec`` is the reference itself: every catalogue op is a float64 NumPy
+function with the contract's signature (``lmspec.softmax(x)``), ``lmspec.vjp`` gives
+its reference gradient, ``lmspec.OPS`` lists the catalogue, and ``lmspec.hookimpl``
+marks a plugin's ``register_backends`` hook. Importing it never imports torch.
+"""
+
+from importlib import import_module
+
+from ._catalogue import FAMILIES, OPS, OpDef
+from ._plugin import hookimpl
+from ._precision import DTYPES, computing_in
+from ._vjp import vjp
+from .backend import Backend
+
+for _family in FAMILIES:  # declares the ops, in catalogue order
+    import_module(f"{__name__}.{_family}")
+
+__version__ = "0.1.0"
+SPEC_VERSION = "0.1.0"
+"""Version of the specification (catalogue + semantics) that reports cite."""
+
+
+def __getattr__(name: str):
+    if name in OPS:
+        return OPS[name].reference
+    raise AttributeError(f"module 'lmspec' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(OPS))
+
+
+__all__ = ["FAMILIES", "OPS", "DTYPES", "Backend", "OpDef", "SPEC_VERSION", "computing_in",
+           "hookimpl", "vjp", *OPS]

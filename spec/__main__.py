@@ -1,0 +1,3 @@
+from lmspec.conformance.cli import main
+
+raise SystemExit(main())

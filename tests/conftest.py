@@ -1,0 +1,51 @@
+"""Shared fixtures: outsider-style mutant backends run through the real harness."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+
+import pytest
+
+from lmspec.backends.torch_backend import TorchBackend
+from lmspec.conformance.harness import Settings, Target, checks_of, run_target
+
+
+class MutantBackend(TorchBackend):
+    """torch-cpu with some ops replaced by (buggy) torch functions; no documented
+    deviations, like an outsider's backend."""
+
+    def __init__(self, overrides: dict[str, Callable[..., Any]], name: str = "mutant"):
+        super().__init__(name, "cpu", ("float32", "float64"))
+        self._overrides = overrides
+
+    @cached_property
+    def _impls(self) -> dict[str, Callable[..., Any]]:
+        return {**TorchBackend._impls.func(self), **self._overrides}
+
+    @cached_property
+    def deviations(self) -> dict[str, str]:  # type: ignore[override]
+        return {}
+
+
+def run_checks(backend: Any, op: str, dtypes: Sequence[str] = ("float64",),
+               checks: Sequence[str] | None = None, max_examples: int = 100,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """Run ``op``'s checks (all by default) on ``backend`` and return the result records."""
+    config = Settings(max_examples=max_examples, seed=seed)
+    return [run_target(backend, Target(backend.name, op, dt, c), config,
+                       dict(getattr(backend, "deviations", {}) or {}))
+            for dt in dtypes for c in (checks or checks_of(op))]
+
+
+@pytest.fixture
+def run_mutant():
+    """``run_mutant(op, torch_fn, dtypes=("float64",), checks=None, max_examples=100)``:
+    the results of ``op``'s checks on torch-cpu with ``op`` replaced by ``torch_fn``."""
+
+    def run(op: str, torch_fn: Callable[..., Any], dtypes: Sequence[str] = ("float64",),
+            checks: Sequence[str] | None = None, max_examples: int = 100) -> list[dict[str, Any]]:
+        return run_checks(MutantBackend({op: torch_fn}), op, dtypes, checks, max_examples)
+
+    return run
