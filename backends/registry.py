@@ -130,7 +130,7 @@ class Registry:
         """Register a plugin object (a module or any object with the hook) and call it."""
         plugin = plugin or Plugin(getattr(obj, "__name__", type(obj).__name__), "object")
         try:
-            self.pm.register(obj, name=f"{plugin.source}:{plugin.name}")
+            self.pm.register(obj, name=f"{plugin.source}:{plugin.name}:{id(obj)}")
             impls = [i for i in self.pm.hook.register_backends.get_hookimpls() if i.plugin is obj]
             if not impls:
                 raise TypeError("no register_backends hook implementation "

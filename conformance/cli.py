@@ -179,8 +179,7 @@ class Collector:
 def cmd_run(args: argparse.Namespace) -> int:
     import pytest
 
-    from lmspec.conformance import harness, report
-    from lmspec.conformance.pytest_plugin import CONFIG_ENV
+    from lmspec.conformance import harness, pytest_plugin, report
 
     for d in args.dtype or ():
         if d not in DTYPES:
@@ -221,16 +220,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.jobs and args.jobs > 1:
         pytest_args += ["-n", str(args.jobs)]
     t0 = time.perf_counter()
-    old = os.environ.get(CONFIG_ENV)
-    os.environ[CONFIG_ENV] = json.dumps(cfg)
+    old = os.environ.get(pytest_plugin.CONFIG_ENV)
+    os.environ[pytest_plugin.CONFIG_ENV] = json.dumps(cfg)
+    pytest_plugin.config.cache_clear()
+    pytest_plugin.registry.cache_clear()
     try:
         code = pytest.main(pytest_args, plugins=[collector])
     finally:
         progress.close()
         if old is None:
-            os.environ.pop(CONFIG_ENV, None)
+            os.environ.pop(pytest_plugin.CONFIG_ENV, None)
         else:
-            os.environ[CONFIG_ENV] = old
+            os.environ[pytest_plugin.CONFIG_ENV] = old
     order = {t.id: i for i, t in enumerate(todo)}
     results = [collector.results[k] for k in sorted(collector.results, key=lambda k: order.get(
         k, len(order)))]

@@ -233,22 +233,27 @@ class _Stats:
             self.worst_tol = {"value": v.tol, "k": k, "output": name}
 
 
-def _jsonable(x: Any) -> Any:
-    """Arrays and scalars as JSON-safe data (non-finite floats as strings)."""
+def jsonable(x: Any) -> Any:
+    """Arrays, calls and scalars as JSON-safe data (non-finite floats as strings such as
+    ``"nan"``/``"inf"``, arrays as ``{"array", "dtype", "shape"}``; anything else by repr)."""
+    if isinstance(x, Call):
+        return {"args": jsonable(x.args), "kwargs": jsonable(dict(x.kwargs))}
     if isinstance(x, (tuple, list)):
-        return [_jsonable(a) for a in x]
+        return [jsonable(a) for a in x]
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, np.ndarray):
         dt = str(x.dtype)
         data = x.astype(np.float64) if x.dtype == DTYPES["bfloat16"] else x
-        return {"array": _jsonable(data.tolist()), "dtype": dt, "shape": list(x.shape)}
+        return {"array": jsonable(data.tolist()), "dtype": dt, "shape": list(x.shape)}
     if isinstance(x, (np.floating, float)):
         f = float(x)
         return f if math.isfinite(f) else repr(f)
     if isinstance(x, (np.integer, np.bool_)):
         return x.item()
-    return x
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return repr(x)
 
 
 def _seed_of(target: Target, base: int) -> int:
@@ -345,20 +350,20 @@ def run_target(backend: Any, target: Target, config: Settings,
 
     def done(status: str, message: str = "") -> dict[str, Any]:
         result.update(status=status, message=message, examples=stats.examples,
-                      max_abs_err=_jsonable(stats.max_abs), max_rel_err=_jsonable(stats.max_rel),
-                      worst_ratio=_jsonable(stats.worst_ratio),
+                      max_abs_err=jsonable(stats.max_abs), max_rel_err=jsonable(stats.max_rel),
+                      worst_ratio=jsonable(stats.worst_ratio),
                       duration_s=round(time.perf_counter() - t0, 3))
         if stats.worst_tol or check in ("forward", "vjp") or status == "fail":
             result["tolerance"] = {
                 "policy": tolerance.POLICY, "c_base": tolerance.C_BASE,
                 "c_floor": tolerance.C_FLOOR, "u": lmspec._precision.UNIT_ROUNDOFF[dtype],
-                "at_worst": _jsonable(stats.worst_tol)}
+                "at_worst": jsonable(stats.worst_tol)}
         if stats.unsupported:
             result["unsupported_examples"] = stats.unsupported
         if stats.ambiguous:
             result["ambiguous_examples"] = stats.ambiguous
         if stats.failure is not None and status in ("fail", "error", "deviation"):
-            result["counterexample"] = _jsonable(stats.failure)
+            result["counterexample"] = jsonable(stats.failure)
             result["reproduce"] = reproduce_command(target, config)
         return result
 
@@ -391,8 +396,7 @@ def run_target(backend: Any, target: Target, config: Settings,
         strategy = (prop.strategy or oc.strategy) if prop else oc.strategy
         drawn = data.draw(strategy(dtype), label="input")
         stats.examples += 1
-        record: dict[str, Any] = {"input": drawn if prop else {"args": drawn.args,
-                                                               "kwargs": dict(drawn.kwargs)}}
+        record: dict[str, Any] = {"input": drawn}
         try:
             if prop is not None:
                 _check_claims(prop.check(run_as_backend, drawn, dtype), dtype, stats)

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 import lmspec
 
-from .harness import STATUSES
+from .harness import STATUSES, jsonable
 
 SCHEMA = "lmspec-report/1"
 TIMING_KEYS = ("created", "duration_s")
@@ -102,6 +102,7 @@ def build(results: list[dict[str, Any]], settings: dict[str, Any], backends: lis
         "results": results,
         "summary": summarize(results),
     }
+    report = jsonable(report)
     report["report_id"] = report_id(report)
     return report
 

@@ -1,0 +1,123 @@
+"""The command line and the reports it writes (CONTRACT §4, §5)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lmspec.conformance import report
+from lmspec.conformance.cli import main
+
+FIELDS = {"schema", "report_id", "spec_version", "created", "duration_s", "environment",
+          "settings", "backends", "results", "summary"}
+RESULT_FIELDS = {"backend", "op", "dtype", "check", "status", "examples", "max_abs_err",
+                 "max_rel_err", "worst_ratio", "tolerance", "message", "counterexample",
+                 "reproduce"}
+QUICK = ["run", "--backend", "torch-cpu", "--op", "softmax", "--op", "perplexity",
+         "--max-examples", "5"]
+
+
+def _reports(d):
+    return sorted(d.glob("*.json"))
+
+
+def test_run_writes_a_complete_stable_report(tmp_path, capsys):
+    assert main([*QUICK, "--report-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    assert "softmax" in out.out and "0 fail" in out.out and "[1/" in out.err
+    assert main([*QUICK, "--report-dir", str(tmp_path / "b"), "--jobs", "2"]) == 0
+    (a,), (b,) = _reports(tmp_path / "a"), _reports(tmp_path / "b")
+    ra, rb = report.load(a), report.load(b)
+    assert FIELDS <= set(ra) and ra["schema"] == "lmspec-report/1"
+    assert all(RESULT_FIELDS <= set(r) for r in ra["results"])
+    assert {r["dtype"] for r in ra["results"]} == {"float32", "float64"}
+    assert {r["check"] for r in ra["results"] if r["op"] == "softmax"} >= {"forward", "vjp"}
+    assert ra["summary"]["pass"] == len(ra["results"])
+    assert ra["report_id"] == rb["report_id"] == report.report_id(ra)
+    assert a.with_suffix(".md").read_text().startswith(f"# lmspec conformance report {ra['report_id']}")
+    assert not list((tmp_path / "a").glob(".*tmp"))  # atomic writes leave nothing behind
+
+
+def test_report_id_ignores_timings_only():
+    rep = report.build([], {"seed": 1}, [], 1.0)
+    again = dict(rep, created="2000-01-01T00:00:00+00:00", duration_s=99.0)
+    assert report.report_id(again) == rep["report_id"]
+    assert report.report_id(dict(rep, settings={"seed": 2})) != rep["report_id"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["run", "--backend", "nope"], "--backend 'nope' is not registered"),
+    (["run", "--op", "nope*"], "--op 'nope*' matches no op"),
+    (["run", "--dtype", "float8"], "--dtype 'float8' is not one of"),
+    (["run", "--op", "softmax", "--check", "nope"], "--check 'nope' is not a check"),
+    (["run", "--max-examples", "0"], "--max-examples must be at least 1"),
+    (["compare", "/nonexistent.json"], "cannot read report"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_usage_exits_2(args, msg, capsys):
+    assert main(args) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_unavailable_backend_asked_by_name_exits_2(capsys):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["run", "--backend", "torch-cuda"]) == 2
+    assert "unavailable: no CUDA device" in capsys.readouterr().err
+
+
+def test_backends_and_ops_json(capsys):
+    assert main(["backends", "--json"]) == 0
+    rows = {b["name"]: b for b in json.loads(capsys.readouterr().out)}
+    assert rows["torch-cpu"]["status"] == "ok" and rows["torch-cpu"]["dtypes"] == ["float32",
+                                                                                   "float64"]
+    assert main(["ops", "--json"]) == 0
+    ops = {o["op"]: o for o in json.loads(capsys.readouterr().out)}
+    assert ops["cross_entropy"]["diff"] == ["logits"] and ops["softmax"]["family"] == "core"
+    assert "torch-cpu" in ops["softmax"]["backends"]
+
+
+def test_failures_exit_1_with_replay_and_compare(tmp_path, capsys):
+    """A plugin given with --plugin whose softmax is wrong fails, names the op, and
+    its replay command reproduces the failure."""
+    plugin = tmp_path / "wrong_plugin.py"
+    plugin.write_text(
+        "import lmspec, numpy as np\n"
+        "class B:\n"
+        "    name, device, dtypes = 'wrong', 'cpu', ('float64',)\n"
+        "    def softmax(self, x, axis=-1):\n"
+        "        return lmspec.softmax(x, axis) + 1e-9 * (x.shape[axis] > 2)\n"
+        "@lmspec.hookimpl\n"
+        "def register_backends(register):\n"
+        "    register(B())\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        code = main(["run", "--plugin", "wrong_plugin", "--backend", "wrong", "--op", "softmax",
+                     "--max-examples", "30", "--report-dir", str(tmp_path / "r")])
+        assert code == 1
+        (path,) = _reports(tmp_path / "r")
+        rep = report.load(path)
+        fail = next(r for r in rep["results"] if r["status"] == "fail")
+        assert fail["op"] == "softmax" and "but should be" in fail["message"]
+        assert fail["counterexample"]["input"]["args"][0]["shape"][-1] == 3  # shrunk to 3
+        assert "--plugin wrong_plugin" in fail["reproduce"]
+        replay = fail["reproduce"].split()[1:] + ["--report-dir", str(tmp_path / "replay")]
+        assert main(replay) == 1
+        assert "### fail: wrong softmax float64" in path.with_suffix(".md").read_text()
+        capsys.readouterr()
+        assert main(["compare", str(path), *map(str, _reports(tmp_path / "replay"))]) == 0
+        assert "[1] wrong float64" in capsys.readouterr().out
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "lmspec", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("lmspec ")
