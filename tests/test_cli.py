@@ -37,7 +37,8 @@ def test_run_writes_a_complete_stable_report(tmp_path, capsys):
     assert {r["check"] for r in ra["results"] if r["op"] == "softmax"} >= {"forward", "vjp"}
     assert ra["summary"]["pass"] == len(ra["results"])
     assert ra["report_id"] == rb["report_id"] == report.report_id(ra)
-    assert a.with_suffix(".md").read_text().startswith(f"# lmspec conformance report {ra['report_id']}")
+    title = f"# lmspec conformance report {ra['report_id']}"
+    assert a.with_suffix(".md").read_text().startswith(title)
     assert not list((tmp_path / "a").glob(".*tmp"))  # atomic writes leave nothing behind
 
 
