@@ -151,13 +151,17 @@ class TorchBackend:
                 info.setdefault("notes", {}).update(notes)
         return info
 
+    def _kw(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments with any arrays among them moved to the device too."""
+        return {k: to_torch(v, self.device) for k, v in kwargs.items()}
+
     def _call(self, impl: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]):
         import torch
 
         token = _DEVICE.set(self.device)
         try:
             with torch.no_grad():
-                return to_numpy(impl(*to_torch(args, self.device), **kwargs))
+                return to_numpy(impl(*to_torch(args, self.device), **self._kw(kwargs)))
         finally:
             _DEVICE.reset(token)
 
@@ -182,7 +186,7 @@ class TorchBackend:
         token = _DEVICE.set(self.device)
         try:
             with torch.enable_grad():
-                out = impl(*targs, **kwargs)
+                out = impl(*targs, **self._kw(kwargs))
         finally:
             _DEVICE.reset(token)
         outs = _flat(out)
