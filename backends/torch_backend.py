@@ -10,6 +10,7 @@ autograd. torch is imported on first use, never at plugin import.
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -80,6 +81,18 @@ class TorchBackend:
 
     # -- discovery ---------------------------------------------------------------
     @cached_property
+    def _torch(self) -> Any:
+        """torch, configured once: on the CPU, ``LMSPEC_TORCH_THREADS`` intra-op threads
+        (default 1). Conformance inputs are tiny, where extra threads only add
+        synchronisation (an LSTM step costs 100× more with 2 threads on 2 cores) and
+        oversubscribe parallel workers; the count used is recorded in ``info()``."""
+        import torch
+
+        if self.device == "cpu":
+            torch.set_num_threads(int(os.environ.get("LMSPEC_TORCH_THREADS", "1")))
+        return torch
+
+    @cached_property
     def _impls(self) -> dict[str, Callable[..., Any]]:
         impls: dict[str, Callable[..., Any]] = {}
         for fam in lmspec.FAMILIES:
@@ -123,7 +136,7 @@ class TorchBackend:
         return True, ""
 
     def info(self) -> dict[str, Any]:
-        import torch
+        torch = self._torch
 
         info: dict[str, Any] = {
             "torch": torch.__version__,
@@ -156,7 +169,7 @@ class TorchBackend:
         return {k: to_torch(v, self.device) for k, v in kwargs.items()}
 
     def _call(self, impl: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]):
-        import torch
+        torch = self._torch
 
         token = _DEVICE.set(self.device)
         try:
@@ -167,7 +180,7 @@ class TorchBackend:
 
     def vjp(self, op: str, args: Sequence[Any], kwargs: Mapping[str, Any], cotangent: Any):
         """The gradient by torch autograd through the same kernels as the forward."""
-        import torch
+        torch = self._torch
 
         d = lmspec.OPS[op]
         impl = self._impls.get(op)
