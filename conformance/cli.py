@@ -71,10 +71,27 @@ def cmd_ops(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
+    if args.markdown:
+        print(catalogue_markdown(), end="")
+        return EXIT_OK
     print(tabulate([[r["op"], r["family"], ", ".join(r["diff"]) or "-",
                      ", ".join(r["backends"]) or "-"] for r in rows],
                    ["op", "family", "differentiable in", "implemented by"]))
     return EXIT_OK
+
+
+def catalogue_markdown() -> str:
+    """The catalogue as a Markdown table (the README's table is this output)."""
+    import inspect
+
+    from lmspec.conformance.harness import checks_of
+
+    rows = [[f"`{name}`", d.family, f"`{name}{inspect.signature(d.reference)}`",
+             ", ".join(f"`{a}`" for a in d.diff) or "—",
+             ", ".join(c for c in checks_of(name) if c not in ("forward", "vjp")) or "—"]
+            for name, d in lmspec.OPS.items()]
+    return tabulate(rows, ["op", "family", "signature", "differentiable in", "properties"],
+                    tablefmt="github") + "\n"
 
 
 def _implements(backend: Any, op: str) -> bool:
@@ -295,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("ops", help="list the op catalogue")
     o.add_argument("--json", action="store_true")
+    o.add_argument("--markdown", action="store_true", help="the catalogue as a Markdown table")
     plugin_opt(o)
     o.set_defaults(func=cmd_ops)
 

@@ -448,7 +448,7 @@ def run_target(backend: Any, target: Target, config: Settings,
         why = _deviation_reason(deviations or {}, target)
         if why:
             result["deviation_reason"] = why
-            return done("deviation", f"{exc} [documented deviation: {why}]")
+            return done("deviation", str(exc))
         return done("fail", str(exc))
     except _BackendError as exc:
         return done("error", str(exc))

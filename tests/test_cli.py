@@ -122,3 +122,24 @@ def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "lmspec", "--version"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("lmspec ")
+
+
+def test_readme_catalogue_is_generated_from_the_catalogue():
+    from pathlib import Path
+
+    from lmspec.conformance.cli import catalogue_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert catalogue_markdown().strip() in readme, "run `lmspec ops --markdown` into README.md"
+
+
+def test_readme_ngram_example_runs():
+    import doctest
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Scoring a sentence")[1].split("```python")[1].split("```")[0]
+    test = doctest.DocTestParser().get_doctest(block, {}, "README", "README.md", 0)
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 6
