@@ -15,9 +15,17 @@ NOTES = {
         "with log_p = −inf (0·−inf) or with p = 0 and log_q = −inf; the spec counts such "
         "terms as 0. The backend zeroes those inputs and terms around F.kl_div "
         "(reduction='none', then sum/N) so that value and gradient follow the spec."),
+    "distillation_loss": (
+        "F.log_softmax of the logits over T, F.kl_div (with the kl_divergence fix-up above, "
+        "as a teacher probability can underflow to 0) and F.cross_entropy. The logits are "
+        "shifted by their row maximum before the division by T (log_softmax does not see "
+        "the shift): float16 logits/T overflows to inf, and the loss to NaN, once "
+        "|logits|/T > 65504 (3276/0.05), where the shifted form stays finite."),
     "sample_token": (
         "inverse-CDF sampling composed from torch.softmax, a stable descending torch.sort, "
-        "cumsum, torch.where and torch.searchsorted, in the dtype under test."),
+        "cumsum, torch.where and torch.searchsorted, in the dtype under test; softmax of "
+        "(logits − max)/T, as float16 logits/T overflows (66/0.001) and softmax of inf "
+        "is NaN."),
 }
 
 DEVIATIONS = {
@@ -33,8 +41,39 @@ DEVIATIONS = {
         "the per-tensor norms and their norm each raise a power sum S to fl(1/p), off by "
         "|1/p − fl(1/p)|·|ln S| relatively: measured 6.5 ulp at total 0.005 (float64), "
         "14 ulp at 1e11 (float32), 17 ulp at 1e30 (float64). total_norm and the clipped "
-        "values otherwise conform (p = 1, 2, inf at ordinary magnitudes)."),
+        "values otherwise conform (p = 1, 2, inf at ordinary magnitudes); (4) in float16 "
+        "the coefficient max_norm/(total + 1e-6) is computed as max_norm·reciprocal(total "
+        "+ 1e-6) (torch's Python-scalar division), and the reciprocal overflows to inf for "
+        "total < 1.43e-5 (measured): all-zero gradients with max_norm = 0 come back NaN "
+        "(0·inf), and 0 < max_norm < total < 1.43e-5 is not clipped at all (coefficient 1)."),
+    "distillation_loss/vjp/float16": (
+        "F.kl_div's backward (log_target=True: exp(t)·(t − input) under autograd) multiplies "
+        "the cotangent by (t − input) before exp(t); in float16 that product overflows to "
+        "inf once |cot|·(1 − α)·T²/N·|ln p − ln q| > 65504, although the gradient (times p, "
+        "then through log_softmax and 1/T) is representable. Measured: grad teacher_logits "
+        "−inf where the spec gives −2186 (s = [8744, 0], t = [0, 0], T = 7.5, α = 0, "
+        "cot = 1) and −416.5 (s = [1666, 0], T = 40); all 45 float16 vjp failures in 3000 "
+        "drawn examples were of this kind, none in bfloat16."),
+    "clip_grad_norm/clipped_norm_at_most_max_norm/float64": (
+        "deviation (3) of clip_grad_norm/forward seen after clipping: for p = 3 torch's total "
+        "norm of a gradient 1e30 is 27 ulp low (S^fl(1/3) with S = 1e90), so the clipped "
+        "gradient's norm exceeds max_norm = 0.5 by 17 ulp (1.9e-15, tolerance 6.3e-16). "
+        "In float32 the same rounding makes the total high, which this one-sided check "
+        "allows."),
+    "clip_grad_norm/one_common_factor/float16": (
+        "torch.nn.utils.clip_grad_norm_ in float16 turns all-zero gradients into NaN when "
+        "max_norm = 0: its coefficient max_norm/(total + 1e-6) is max_norm·reciprocal(1e-6), "
+        "and that reciprocal (≈ 9.9e5) overflows float16 to inf, 0·inf = NaN (deviation (4) "
+        "of clip_grad_norm/forward)."),
 }
+
+
+def _scaled(logits, temperature):
+    """``(logits − max)/T`` per row: what ``softmax``/``log_softmax`` of ``logits/T`` sees
+    (both are shift-invariant), without the overflow of ``logits/T`` itself (float16:
+    ``|logits|/T > 65504`` is ``inf``, and ``softmax`` of it NaN). The maximum is a
+    constant to autograd, as the shift cancels mathematically."""
+    return (logits - logits.amax(dim=-1, keepdim=True).detach()) / temperature
 
 
 def kl_divergence(log_p, log_q):
@@ -46,9 +85,8 @@ def kl_divergence(log_p, log_q):
 
 
 def distillation_loss(student_logits, teacher_logits, targets, temperature=1.0, alpha=0.5):
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
-                    F.log_softmax(teacher_logits / temperature, dim=-1),
-                    reduction="batchmean", log_target=True)
+    soft = kl_divergence(F.log_softmax(_scaled(teacher_logits, temperature), dim=-1),
+                         F.log_softmax(_scaled(student_logits, temperature), dim=-1))
     hard = F.cross_entropy(student_logits, targets)
     return alpha * hard + (1 - alpha) * temperature**2 * soft
 
@@ -81,7 +119,7 @@ def _renormalised(p, keep):
 def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    p, order = torch.sort(torch.softmax(logits / temperature, dim=-1), dim=-1,
+    p, order = torch.sort(torch.softmax(_scaled(logits, temperature), dim=-1), dim=-1,
                           descending=True, stable=True)
     rank = torch.arange(p.shape[-1], device=p.device)
     p = _renormalised(p, rank < (top_k or p.shape[-1]))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
+import lmspec
+
 from . import draw as d
 from .declare import Call, Close, cases, prop
 
@@ -109,7 +111,42 @@ def _seq(draw, dtype: str, kind: str, *, layers: tuple[int, int] = (1, 3),
     weights = tuple(a for idx in range(L * D) for a in _cell_weights(
         draw, dtype, GATES[kind], I if idx < D else D * H, H, w, f"layer {idx // D} dir {idx % D}"))
     kw = {"num_layers": L, "bidirectional": bidir, **_options(draw, kind), **(opts or {})}
+    if kw.get("nonlinearity") == "relu":
+        weights = _relu_in_range(x, states[0], weights, kw, dtype)
     return Call((x, *states, weights), kw)
+
+
+def _relu_majorant(x, h0, weights, kw: dict) -> float:
+    """A bound on every intermediate of a ReLU RNN and of its vjp (cotangents ``|·| ≤ 2``,
+    as the harness draws them): the float64 spec run on ``|x|, |h0|, |W|``. With every term
+    non-negative nothing cancels, so each layer's states, each pre-activation (and every
+    partial sum of it), each gradient and each backward state (bounded by its layer's
+    ``∂b``) is at most the value computed here."""
+    a = [np.abs(np.asarray(v, dtype=np.float64)) for v in (x, h0)]
+    w = tuple(np.abs(np.asarray(v, dtype=np.float64)) for v in weights)
+    D = 2 if kw["bidirectional"] else 1
+    inp, peak = a[0], 0.0
+    for layer in range(kw["num_layers"]):  # every layer's output, not only the top one
+        inp, _ = lmspec.rnn(inp, a[1][layer * D:(layer + 1) * D],
+                            w[4 * layer * D:4 * (layer + 1) * D], 1, kw["bidirectional"], "relu")
+        peak = max(peak, float(inp.max(initial=0.0)))
+    out, h_n = lmspec.rnn(*a, w, **kw)
+    cot = (np.full_like(out, 2.0), np.full_like(h_n, 2.0))
+    g_x, g_h0, g_w = lmspec.vjp("rnn", (*a, w), kw, cot)
+    return max(peak, _max_abs((g_x, g_h0, *g_w)))
+
+
+def _relu_in_range(x, h0, weights, kw: dict, dtype: str) -> tuple[np.ndarray, ...]:
+    """A ReLU RNN's state is unbounded (it grows like ``(|W_hh|·H)^T`` per layer): halve
+    the weights (exactly, a power of two) until the majorant stays within a quarter of the
+    dtype's finite range, so that the true values of the forward and backward pass are
+    representable (float16 tops out at 65504; beyond that the op has no answer to test)."""
+    limit = d.FINITE_MAX[dtype] / 4
+    for _ in range(64):
+        if _relu_majorant(x, h0, weights, kw) <= limit:
+            break
+        weights = tuple(d.as_dtype(np.asarray(w, dtype=np.float64) / 2, dtype) for w in weights)
+    return weights
 
 
 def _seq_k(call: Call) -> int:
@@ -293,12 +330,18 @@ def _pinned(weights, blocks: dict[int, float]) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
+def _clip_unit(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` clipped to ``[−1, 1]``, still in ``dtype`` (NumPy's ``clip`` widens bfloat16
+    arrays to float32, which would hand the backend mixed dtypes)."""
+    return d.as_dtype(np.clip(a.astype(np.float64), -1, 1), dtype)
+
+
 @st.composite
 def _small_seq(draw, dtype: str, kind: str) -> Call:
     call = draw(_seq(dtype, kind))
     x, *states, weights = call.args
-    small = tuple(d.as_dtype(np.clip(w.astype(np.float64), -1, 1), dtype) for w in weights)
-    return Call((np.clip(x, -1, 1), *states, small), call.kwargs)
+    small = tuple(_clip_unit(w, dtype) for w in weights)
+    return Call((_clip_unit(x, dtype), *states, small), call.kwargs)
 
 
 @prop("lstm", strategy=lambda dtype: _small_seq(dtype, "lstm"))
@@ -318,10 +361,13 @@ def update_saturated_keeps_h(run, call: Call, dtype: str):
     x, h0, weights = call.args
     L, D = call.kwargs["num_layers"], 2 if call.kwargs["bidirectional"] else 1
     out, h_n = run("gru", x, h0, _pinned(weights, {1: SATURATE}), **call.kwargs)
-    yield Close("h_n = h0", h_n, h0, k=x.shape[1], scale=1.0)
+    # a step that blends as h + z(…)(n − h) or n + z(h − n) rounds once per step at the
+    # magnitude of its terms, |h0| and |n| ≤ 1
+    m = 1 + _max_abs([h0])
+    yield Close("h_n = h0", h_n, h0, k=x.shape[1], scale=m)
     top = np.concatenate([h0[(L - 1) * D + j] for j in range(D)], axis=-1)
     yield Close("out[:, t] = h0 of the top layer", out,
-                np.broadcast_to(top[:, None], out.shape), k=x.shape[1], scale=1.0)
+                np.broadcast_to(top[:, None], out.shape), k=x.shape[1], scale=m)
 
 
 @prop("rnn_lm_loss", strategy=lambda dtype: _lm(dtype, truncation=True))

@@ -17,6 +17,11 @@ where the decision is numerically ambiguous, and only there either neighbour is 
   probabilities by about that much, and not at all when ``p`` is one-hot); the accepted
   tokens are those some such reading selects.
   Greedy (``temperature = 0``) compares exact logits and is exact.
+
+Low precision: ``distillation_loss`` draws only temperatures at which the log-probabilities
+``ln softmax(x/T)`` fit in the dtype (:func:`_temperatures`; binds in float16 only), and
+``grid_frequencies_match_filtered`` skips rows whose top-k/top-p cut is within the
+forward check's tolerance of going the other way (:func:`_cut_ambiguity`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lmspec._precision import DTYPES, UNIT_ROUNDOFF
 
 from . import draw as d
 from .declare import Call, Close, Holds, cases, prop
+from .tolerance import floor
 
 Tol = Callable[[int, float], float]
 
@@ -112,11 +118,22 @@ def _distill_scale(call: Call, cot=None) -> float:
     return _cot_scale(cot) * (1 + rs + rt + temp * (1 + lv))
 
 
+def _temperatures(dtype: str, *logits: np.ndarray) -> list[float]:
+    """The temperatures ``T`` at which the logits' log-probabilities ``ln softmax(x/T)``,
+    of magnitude up to ``(max x − min x)/T``, stay within half the dtype's range, as
+    :func:`draw.logits` keeps the logits themselves. Beyond it (float16 only: a spread of
+    3276 at ``T = 0.05``) the log-probabilities that the contract's formula and
+    ``F.kl_div`` work with are not representable in the dtype, so no implementation in
+    it can give the finite loss, and ``(1 − α)·T²·KL`` is ``0·∞`` = NaN even at α = 1."""
+    spread = max(float(np.ptp(x.astype(np.float64), axis=-1).max(initial=0.0)) for x in logits)
+    return [t for t in TEMPERATURES if spread / t <= d.FINITE_MAX[dtype] / 2]
+
+
 @cases("distillation_loss", scale=_distill_scale)
 @st.composite
 def _distill(draw, dtype: str) -> Call:
     s, t, y = draw(_logit_pair(dtype))
-    temp = draw(st.sampled_from(TEMPERATURES), label="temperature")
+    temp = draw(st.sampled_from(_temperatures(dtype, s, t)), label="temperature")
     alpha = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]), label="alpha")
     return Call((s, t, y), {"temperature": temp, "alpha": alpha})
 
@@ -467,28 +484,44 @@ def _one_row(draw, dtype: str) -> Call:
     return Call((x,), {"temperature": temp, "top_k": top_k, "top_p": top_p})
 
 
+def _cut_ambiguity(x: np.ndarray, p: np.ndarray, ranked: list[int], cuts: list[int],
+                   top_p: float, mass: np.ndarray) -> float:
+    """How far the filter's decisions are from going the other way: the smallest
+    probability gap between a token kept and one dropped at each cut of the sorted order
+    ``ranked`` (none between equal logits, which ids order exactly in any dtype), and the
+    distance of the prefix masses from ``top_p``."""
+    gaps = [p[i] - p[j] for c in cuts for i in ranked[:c] for j in ranked[c:] if x[i] != x[j]]
+    if top_p < 1:
+        gaps.append(float(np.min(np.abs(mass - top_p))))
+    return float(min(gaps, default=math.inf))
+
+
 def _filtered_np(x: np.ndarray, temp: float, top_k: int, top_p: float) -> tuple[np.ndarray, float]:
     """The filtered distribution of ``sample_token``'s docstring, in plain NumPy (sorted by
-    Python's stable sort), and the smallest distance of its prefix masses from ``top_p``."""
+    Python's stable sort), and the margin of its decisions (:func:`_cut_ambiguity`)."""
     z = x.astype(np.float64) / temp
     p = np.exp(z - z.max())
     p /= p.sum()
-    order = sorted(range(p.size), key=lambda i: -p[i])[: top_k or p.size]
+    ranked = sorted(range(p.size), key=lambda i: -p[i])
+    order = ranked[: top_k or p.size]
     mass = np.cumsum(p[order]) / p[order].sum()
-    margin = float(np.min(np.abs(mass - top_p))) if top_p < 1 else math.inf
     keep = order if top_p >= 1 else order[: int(np.searchsorted(mass, top_p)) + 1]
     q = np.zeros_like(p)
     q[keep] = p[keep] / p[keep].sum()
-    return q, margin
+    return q, _cut_ambiguity(x, p, ranked, [len(order), len(keep)], top_p, mass)
 
 
 @prop("sample_token", strategy=_one_row)
 def grid_frequencies_match_filtered(run, call: Call, dtype: str):
     """Sampling one row at the midpoints of a grid of G values of u gives every token a
-    count within 1 (+ rounding at the bin edges) of G times its filtered probability."""
+    count within 1 (+ rounding at the bin edges) of G times its filtered probability.
+    Rows where the filter's choice is itself within rounding (two probabilities across
+    the top-k or top-p cut, or a prefix mass and ``top_p``, closer than the tolerance
+    ``floor(k=V, M)`` of the forward check) are not meaningful and are skipped."""
     (x,), kw = call.args, call.kwargs
     q, margin = _filtered_np(x[0], kw["temperature"], kw["top_k"], kw["top_p"])
-    if margin < 1e-3:  # the nucleus boundary itself is ambiguous in this dtype
+    eps = floor(dtype, x.shape[1], _probability_scale(x[0], kw["temperature"]))
+    if margin <= eps:  # the filter's decision is ambiguous in this dtype
         return
     u = d.as_dtype((np.arange(GRID) + 0.5) / GRID, dtype)
     ids = run("sample_token", np.repeat(x, GRID, axis=0), u, **kw)

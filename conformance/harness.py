@@ -256,6 +256,31 @@ def jsonable(x: Any) -> Any:
     return repr(x)
 
 
+class StrategyError(Exception):
+    """A conformance declaration produced an input that breaks the harness's rules."""
+
+
+def _check_drawn_dtypes(drawn: Any, dtype: str, where: str) -> None:
+    """Every float array a strategy draws must already be in the dtype under test (NumPy
+    quietly widens bfloat16 in e.g. ``np.clip``, which would show up as a baffling
+    backend error instead)."""
+    items = [drawn.args, dict(drawn.kwargs)] if isinstance(drawn, Call) else [drawn]
+    stack = list(items)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (tuple, list)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, Call):
+            stack.extend([x.args, dict(x.kwargs)])
+        elif isinstance(x, np.ndarray) and (x.dtype.kind == "f" or x.dtype in DTYPES.values()):
+            if x.dtype != DTYPES[dtype]:
+                raise StrategyError(f"the strategy of {where} drew a {x.dtype} array of shape "
+                                    f"{x.shape} for dtype {dtype} (a bug in its conformance "
+                                    "declaration)")
+
+
 def _seed_of(target: Target, base: int) -> int:
     """Examples depend on the seed, op, dtype and check — not on the backend — so that
     every backend is checked on the same inputs."""
@@ -398,6 +423,7 @@ def run_target(backend: Any, target: Target, config: Settings,
         drawer = _Drawer(data)
         strategy = (prop.strategy or oc.strategy) if prop else oc.strategy
         drawn = data.draw(strategy(dtype), label="input")
+        _check_drawn_dtypes(drawn, dtype, f"{op} {check}")
         stats.examples += 1
         record: dict[str, Any] = {"input": drawn}
         try:
@@ -452,6 +478,8 @@ def run_target(backend: Any, target: Target, config: Settings,
         return done("fail", str(exc))
     except _BackendError as exc:
         return done("error", str(exc))
+    except StrategyError as exc:
+        return done("error", f"harness: {exc}")
     except HypothesisException as exc:
         return done("error", f"the search failed: {type(exc).__name__}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a harness or reference problem is an error too

@@ -503,3 +503,80 @@ def test_property_holds_for_the_reference(key):
                 assert claim.ok, (claim.what, claim.detail)
 
     check()
+
+
+# -- low precision: the strategies hand the backend what the dtype can hold ---------------------
+
+def _float_leaves(args):
+    for a in args:
+        if isinstance(a, tuple):
+            yield from _float_leaves(a)
+        elif isinstance(a, np.ndarray) and a.dtype.kind not in "iub":
+            yield a
+
+
+def _recurrent_strategies():
+    from lmspec.conformance.declare import CASES, PROPERTIES
+
+    ops = [op for op in CASES if lmspec.OPS[op].family == "recurrent"]
+    found = [(op, "forward", CASES[op].strategy) for op in ops]
+    found += [(op, check, p.strategy) for (op, check), p in PROPERTIES.items()
+              if op in ops and p.strategy is not None]
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("op,check,strategy", _recurrent_strategies(),
+                         ids=[f"{o}/{c}" for o, c, _ in _recurrent_strategies()])
+def test_strategies_keep_the_dtype_under_test(op, check, strategy, dtype):
+    """np.clip widens a bfloat16 array to float32: a strategy that clips must round back,
+    or torch is handed mixed dtypes (oneDNN's bf16 LSTM then refuses to build a primitive)."""
+    from hypothesis import given, settings
+
+    want = lmspec.DTYPES[dtype]
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None)
+    @given(strategy(dtype))
+    def check_dtypes(drawn):
+        assert all(a.dtype == want for a in _float_leaves(drawn.args))
+
+    check_dtypes()
+
+
+def _overflowing_relu_call():
+    """The float16 counterexample: ``h_t = relu(16 h_{t−1} + 1)`` reaches 69905 > 65504 in
+    layer 0, and layer 1's zero ``W_ih`` turns the ``inf`` into ``0·inf = nan``."""
+    f = np.float16
+    first = (np.zeros((4, 1), f), np.full((4, 4), 4, f), np.zeros(4, f), np.ones(4, f))
+    rest = tuple(np.zeros(s, f) for s in [(4, 4), (4, 4), (4,), (4,)] * 2)
+    kw = dict(num_layers=3, bidirectional=False, nonlinearity="relu")
+    return np.zeros((1, 5, 1), f), np.zeros((3, 1, 4), f), first + rest, kw
+
+
+def test_relu_rnn_weights_are_halved_into_the_float16_range():
+    from lmspec.conformance import cases_recurrent as cr
+
+    x, h0, weights, kw = _overflowing_relu_call()
+    be = TorchBackend("torch-cpu-lowp", "cpu", ("float16",))
+    assert np.isnan(be.rnn(x, h0, weights, **kw)[0]).any()  # what the strategy must avoid
+    kept = cr._relu_in_range(x, h0, weights, kw, "float16")
+    assert all(k.dtype == np.float16 for k in kept)
+    assert cr._relu_majorant(x, h0, kept, kw) <= 65504 / 4
+    np.testing.assert_array_equal(kept[1], weights[1] / 4)  # halved exactly, twice
+    out = be.rnn(x, h0, kept, **kw)
+    assert all(np.isfinite(o).all() for o in out)
+    assert_tree_close(out, lmspec.rnn(x, h0, kept, **kw), atol=1e-2, rtol=1e-2)
+
+
+def test_relu_majorant_bounds_the_forward_and_backward_values():
+    from lmspec.conformance import cases_recurrent as cr
+
+    rng = np.random.default_rng(3)
+    for L, D in itertools.product((1, 3), (1, 2)):
+        args, kw = seq_call("rnn", rng, T=5, L=L, D=D, w_scale=2.0, nonlinearity="relu")
+        out, h_n = lmspec.rnn(*args, **kw)
+        cot = (rng.uniform(-2, 2, out.shape), rng.uniform(-2, 2, h_n.shape))
+        grads = lmspec.vjp("rnn", args, kw, cot)
+        bound = cr._relu_majorant(*args, kw)
+        biggest = max(np.abs(a).max() for a in (out, h_n, grads[0], grads[1], *grads[2]))
+        assert 0 < biggest <= bound
