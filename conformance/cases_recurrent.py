@@ -312,8 +312,22 @@ for _kind in GATES:
         _stacked_check(_kind))
 
 
-SATURATE = 60.0
-"""A gate bias that pins ``σ`` to 0 or 1 to within ``e^{−50}`` whatever the other terms."""
+SATURATION_MARGIN = 40.0
+"""How far past the other terms a pinning bias puts a gate: ``σ`` is then 0 or 1 to
+within ``e^{−40}`` ≈ 4e-18, below float64's half ulp of 1."""
+
+
+def _saturating_bias(weights, x: np.ndarray, states: list[np.ndarray]) -> float:
+    """A bias larger than any other term of a gate pre-activation by the margin: every
+    layer's input is bounded by ``max(|x|, 1, |states|)`` (its outputs are the kept
+    ``h0`` or ``σ·tanh``) and its recurrent state by ``max(1, |states|)``, so the
+    other terms are at most the weight rows' absolute sums times those bounds."""
+    inp = max(1.0, _max_abs([x, *states]))
+    rec = max(1.0, _max_abs(states))
+    other = max(float(np.abs(w_ih.astype(np.float64)).sum(axis=1).max()) * inp
+                + float(np.abs(w_hh.astype(np.float64)).sum(axis=1).max()) * rec
+                for w_ih, w_hh in zip(weights[0::4], weights[1::4]))
+    return SATURATION_MARGIN + other
 
 
 def _pinned(weights, blocks: dict[int, float]) -> tuple[np.ndarray, ...]:
@@ -349,7 +363,8 @@ def forget_open_input_closed_keeps_cell(run, call: Call, dtype: str):
     """With the forget gate saturated open (σ(f) = 1) and the input gate closed
     (σ(i) = 0), every layer keeps its cell state: ``c_n = c0``."""
     x, h0, c0, weights = call.args
-    pinned = _pinned(weights, {0: -SATURATE, 1: SATURATE})
+    sat = _saturating_bias(weights, x, [h0, c0])
+    pinned = _pinned(weights, {0: -sat, 1: sat})
     _, _, c_n = run("lstm", x, h0, c0, pinned, **call.kwargs)
     yield Close("c_n = c0", c_n, c0, k=x.shape[1], scale=1 + _max_abs([c0]))
 
@@ -360,7 +375,8 @@ def update_saturated_keeps_h(run, call: Call, dtype: str):
     keeps its state: ``h_n = h0`` and each output equals that direction's ``h0``."""
     x, h0, weights = call.args
     L, D = call.kwargs["num_layers"], 2 if call.kwargs["bidirectional"] else 1
-    out, h_n = run("gru", x, h0, _pinned(weights, {1: SATURATE}), **call.kwargs)
+    sat = _saturating_bias(weights, x, [h0])
+    out, h_n = run("gru", x, h0, _pinned(weights, {1: sat}), **call.kwargs)
     # a step that blends as h + z(…)(n − h) or n + z(h − n) rounds once per step at the
     # magnitude of its terms, |h0| and |n| ≤ 1
     m = 1 + _max_abs([h0])

@@ -191,6 +191,29 @@ def _op_kwargs(op: str, call: Call, dtype: str) -> dict[str, Any]:
     return kw
 
 
+def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None) -> Any:
+    """The float64 reference (or its vjp, given ``cot``) on inputs perturbed by a relative
+    ``±u`` of ``dtype`` each: the tolerance's measured conditioning (``None`` if the
+    perturbed inputs leave the op's domain). Deterministic: the signs are seeded by the
+    inputs' bytes."""
+    key = zlib.crc32(repr(jsonable([call.args, cot])).encode())
+    rng = np.random.default_rng(key)
+
+    def shake(a: np.ndarray) -> Any:
+        return tolerance.perturb(a, dtype, rng) if a.dtype.kind == "f" or a.dtype in (
+            DTYPES.values()) else a
+
+    args = _map(call.args, shake)
+    kw = _op_kwargs(op, call, "float64")
+    try:
+        with np.errstate(all="ignore"):
+            if cot is None:
+                return _as_result(lmspec.OPS[op].reference(*args, **kw))
+            return _as_result(lmspec.vjp(op, args, kw, _map(cot, shake)))
+    except ValueError:
+        return None
+
+
 def reference(op: str, call: Call) -> Any:
     """The float64 reference output for ``call``."""
     kw = _op_kwargs(op, call, "float64")
@@ -289,14 +312,15 @@ def _seed_of(target: Target, base: int) -> int:
 
 
 def _compare_outputs(oc: OpCases, call: Call, got: Any, ref: Any, base: Any, dtype: str,
-                     stats: _Stats, label: str, cot: Any = None) -> None:
+                     stats: _Stats, label: str, cot: Any = None, pert: Any = None) -> None:
     k = oc.k(call)
     scale = oc.scale(call, cot) if oc.scale else None
     refs, gots = _named(ref, label), _named(got, label)
     bases = _named(base, label) if base is not None else [(n, None) for n, _ in refs]
+    perts = _named(pert, label) if pert is not None else [(n, None) for n, _ in refs]
     if len(refs) != len(gots):
         raise _BackendError(f"{label} has {len(gots)} arrays, but should have {len(refs)}")
-    for (name, r), (_, g), (_, s) in zip(refs, gots, bases):
+    for (name, r), (_, g), (_, s), (_, q) in zip(refs, gots, bases, perts):
         if r is None or g is None:
             if (r is None) != (g is None):
                 raise _BackendError(f"{name} is {'None' if g is None else 'an array'}, "
@@ -316,7 +340,7 @@ def _compare_outputs(oc: OpCases, call: Call, got: Any, ref: Any, base: Any, dty
             if not ok:
                 raise _Mismatch(msg)
             continue
-        v = tolerance.compare(name, ga, ra, s, dtype, k, scale)
+        v = tolerance.compare(name, ga, ra, s, dtype, k, scale, perturbed=q)
         stats.add(v, k, name)
         if not v.ok:
             raise _Mismatch(v.message)
@@ -435,7 +459,7 @@ def run_target(backend: Any, target: Target, config: Settings,
             if check == "forward":
                 got = _as_result(_backend_call(method, f"{op}()", timeout, *drawn.args, **kw))
                 _compare_outputs(oc, drawn, got, ref, baseline(op, drawn, dtype), dtype, stats,
-                                 "out")
+                                 "out", pert=perturbed_reference(op, drawn, dtype))
                 return
             cot = _cotangent(drawer, ref, dtype)
             record["cotangent"] = cot
@@ -448,10 +472,12 @@ def run_target(backend: Any, target: Target, config: Settings,
                                     f", but should be a tuple of {len(drawn.args)}")
             names = lmspec.OPS[op].params
             base_g = baseline(op, drawn, dtype, cot)
+            pert_g = perturbed_reference(op, drawn, dtype, cot)
             for i, r in enumerate(ref_g):
                 _compare_outputs(oc, drawn, _as_result(got_g[i]), r,
                                  None if base_g is None else base_g[i], dtype, stats,
-                                 f"grad {names[i]}", _map(cot, _widen))
+                                 f"grad {names[i]}", _map(cot, _widen),
+                                 None if pert_g is None else pert_g[i])
         except _Unsupported as exc:
             stats.unsupported += 1
             stats.unsupported_reason = str(exc)

@@ -7,8 +7,13 @@ formulas evaluated in the dtype under test (the *baseline*):
     max|b − r|  ≤  C_BASE · max|s − r|  +  C_FLOOR · √k · u · M
 
 ``u`` is the unit roundoff of the dtype (fp64 2⁻⁵³, fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸),
-``k`` the op's reduction length and ``M`` the magnitude of the result (``max|r|``, or
-an op-declared input-derived scale when larger; 1 when both are 0). The first term is
+``k`` the op's reduction length and ``M`` the magnitude of the result as conditioned
+by its inputs: the largest of ``max|r|``, an op-declared input-derived scale, and the
+*measured* sensitivity ``max|r̃ − r| / u`` where ``r̃`` is the reference on the inputs
+perturbed by a relative ``±u`` each (1 when all are 0). The last makes the floor
+follow the op's conditioning wherever it is (cancellation to an exact 0, long
+recurrences, normalisation of near-constant rows) — the error any backward-stable
+implementation makes — without a hand-derived bound per op. The first term is
 FlashAttention's gate: a backend may be at most ``C_BASE`` times less accurate than
 the textbook formula run in the same precision. The second is a rounding-error bound
 for a length-``k`` reduction with random-walk growth. NaN and ±inf must match position
@@ -28,7 +33,15 @@ from lmspec._precision import DTYPES, UNIT_ROUNDOFF
 C_BASE = 2.0
 C_FLOOR = 4.0
 POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
-          "(baseline = spec evaluated in the dtype under test; NaN/inf positions must match)")
+          "(baseline = spec evaluated in the dtype under test; M = max(max|r|, declared scale, "
+          "max|r(x(1±u)) - r|/u); NaN/inf positions must match)")
+
+
+def perturb(x: np.ndarray, dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """``x·(1 ± u)`` elementwise in float64, signs drawn from ``rng`` (the backward-error
+    model: what rounding every input once in ``dtype`` may do)."""
+    signs = rng.choice(np.array([-1.0, 1.0]), size=np.shape(x))
+    return np.asarray(x, dtype=np.float64) * (1.0 + signs * UNIT_ROUNDOFF[dtype])
 
 
 def floor(dtype: str, k: int, scale: float) -> float:
@@ -61,8 +74,14 @@ def _where(name: str, idx: tuple[int, ...]) -> str:
 
 
 def compare(name: str, got: object, ref: object, base: object | None, dtype: str, k: int,
-            scale: float | None = None, *, c_base: float = C_BASE) -> Verdict:
-    """Compare ``got`` with the reference ``ref`` under the policy above."""
+            scale: float | None = None, *, c_base: float = C_BASE,
+            perturbed: object | None = None) -> Verdict:
+    """Compare ``got`` with the reference ``ref`` under the policy above.
+
+    ``perturbed`` is the reference evaluated on the inputs perturbed by a relative
+    ``±u`` each (see :func:`perturb`): its distance from ``ref``, divided by ``u``, is
+    the measured conditioning of this output, and ``M`` is at least that.
+    """
     g = np.asarray(got, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
     if g.shape != r.shape:
@@ -82,7 +101,13 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
     err = np.where(fin, np.abs(g - r), 0.0)
     max_abs = float(err.max(initial=0.0))
     mag = float(np.abs(np.where(fin, r, 0.0)).max(initial=0.0))
-    m = max(mag, scale or 0.0) or 1.0
+    sens = 0.0
+    if perturbed is not None:
+        q = np.asarray(perturbed, dtype=np.float64)
+        if q.shape == r.shape:
+            usable = fin & np.isfinite(q)
+            sens = float(np.where(usable, np.abs(q - r), 0.0).max(initial=0.0))
+    m = max(mag, scale or 0.0, sens / UNIT_ROUNDOFF[dtype]) or 1.0
     base_err = 0.0
     if base is not None:
         s = np.asarray(base, dtype=np.float64)
