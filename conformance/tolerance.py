@@ -98,7 +98,8 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
                        f"{_where(name, idx)}={_fmt(g[idx])}, but should be {_fmt(r[idx])} "
                        "(NaN/inf positions must match)")
     fin = np.isfinite(r) & ~overflow
-    err = np.where(fin, np.abs(g - r), 0.0)
+    with np.errstate(invalid="ignore"):
+        err = np.where(fin, np.abs(g - r), 0.0)
     max_abs = float(err.max(initial=0.0))
     mag = float(np.abs(np.where(fin, r, 0.0)).max(initial=0.0))
     sens = 0.0
