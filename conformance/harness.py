@@ -192,8 +192,8 @@ def _op_kwargs(op: str, call: Call, dtype: str) -> dict[str, Any]:
 
 
 def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None) -> Any:
-    """The float64 reference (or its vjp, given ``cot``) on inputs perturbed by a relative
-    ``±u`` of ``dtype`` each: the tolerance's measured conditioning (``None`` if the
+    """The float64 reference (or its vjp, given ``cot``) on inputs perturbed by ``±u·max|x|``
+    (``u`` of ``dtype``) each: the tolerance's measured conditioning (``None`` if the
     perturbed inputs leave the op's domain). Deterministic: the signs are seeded by the
     inputs' bytes."""
     key = zlib.crc32(repr(jsonable([call.args, cot])).encode())

@@ -10,7 +10,7 @@ formulas evaluated in the dtype under test (the *baseline*):
 ``k`` the op's reduction length and ``M`` the magnitude of the result as conditioned
 by its inputs: the largest of ``max|r|``, an op-declared input-derived scale, and the
 *measured* sensitivity ``max|r̃ − r| / u`` where ``r̃`` is the reference on the inputs
-perturbed by a relative ``±u`` each (1 when all are 0). The last makes the floor
+perturbed by ``±u·max|input array|`` each (normwise; 1 when all are 0). The last makes the floor
 follow the op's conditioning wherever it is (cancellation to an exact 0, long
 recurrences, normalisation of near-constant rows) — the error any backward-stable
 implementation makes — without a hand-derived bound per op. The first term is
@@ -34,14 +34,20 @@ C_BASE = 2.0
 C_FLOOR = 4.0
 POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
           "(baseline = spec evaluated in the dtype under test; M = max(max|r|, declared scale, "
-          "max|r(x(1±u)) - r|/u); NaN/inf positions must match)")
+          "max|r(x ± u·max|x|) - r|/u); NaN/inf positions must match)")
 
 
 def perturb(x: np.ndarray, dtype: str, rng: np.random.Generator) -> np.ndarray:
-    """``x·(1 ± u)`` elementwise in float64, signs drawn from ``rng`` (the backward-error
-    model: what rounding every input once in ``dtype`` may do)."""
-    signs = rng.choice(np.array([-1.0, 1.0]), size=np.shape(x))
-    return np.asarray(x, dtype=np.float64) * (1.0 + signs * UNIT_ROUNDOFF[dtype])
+    """``x ± u·max|x|`` elementwise in float64, signs drawn from ``rng``: the normwise
+    backward-error model of reductions and matrix products, whose rounding errors are
+    relative to the size of the whole vector, not of each element (so an exact 0 next
+    to a large entry moves too, and a symmetry the exact inputs have is broken as
+    rounding inside a backend breaks it)."""
+    a = np.asarray(x, dtype=np.float64)
+    fin = np.isfinite(a)
+    size = float(np.abs(a[fin]).max(initial=0.0))
+    signs = rng.choice(np.array([-1.0, 1.0]), size=a.shape)
+    return np.where(fin, a + signs * UNIT_ROUNDOFF[dtype] * size, a)
 
 
 def floor(dtype: str, k: int, scale: float) -> float:
@@ -78,8 +84,8 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
             perturbed: object | None = None) -> Verdict:
     """Compare ``got`` with the reference ``ref`` under the policy above.
 
-    ``perturbed`` is the reference evaluated on the inputs perturbed by a relative
-    ``±u`` each (see :func:`perturb`): its distance from ``ref``, divided by ``u``, is
+    ``perturbed`` is the reference evaluated on the inputs perturbed by ``±u·max|x|``
+    each (see :func:`perturb`): its distance from ``ref``, divided by ``u``, is
     the measured conditioning of this output, and ``M`` is at least that.
     """
     g = np.asarray(got, dtype=np.float64)
