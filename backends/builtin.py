@@ -9,5 +9,5 @@ from lmspec.backends.torch_backend import TorchBackend
 
 @lmspec.hookimpl
 def register_backends(register):
-    register(TorchBackend("torch-cpu", "cpu", ("float32", "float64")))
+    register(TorchBackend("torch-cpu", "cpu", ("float16", "bfloat16", "float32", "float64")))
     register(TorchBackend("torch-cuda", "cuda:0", ("float16", "bfloat16", "float32", "float64")))

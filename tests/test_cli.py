@@ -33,7 +33,7 @@ def test_run_writes_a_complete_stable_report(tmp_path, capsys):
     ra, rb = report.load(a), report.load(b)
     assert FIELDS <= set(ra) and ra["schema"] == "lmspec-report/1"
     assert all(RESULT_FIELDS <= set(r) for r in ra["results"])
-    assert {r["dtype"] for r in ra["results"]} == {"float32", "float64"}
+    assert {r["dtype"] for r in ra["results"]} == {"float16", "bfloat16", "float32", "float64"}
     assert {r["check"] for r in ra["results"] if r["op"] == "softmax"} >= {"forward", "vjp"}
     assert ra["summary"]["pass"] == len(ra["results"])
     assert ra["report_id"] == rb["report_id"] == report.report_id(ra)
@@ -76,8 +76,8 @@ def test_unavailable_backend_asked_by_name_exits_2(capsys):
 def test_backends_and_ops_json(capsys):
     assert main(["backends", "--json"]) == 0
     rows = {b["name"]: b for b in json.loads(capsys.readouterr().out)}
-    assert rows["torch-cpu"]["status"] == "ok" and rows["torch-cpu"]["dtypes"] == ["float32",
-                                                                                   "float64"]
+    assert rows["torch-cpu"]["status"] == "ok"
+    assert rows["torch-cpu"]["dtypes"] == ["float16", "bfloat16", "float32", "float64"]
     assert main(["ops", "--json"]) == 0
     ops = {o["op"]: o for o in json.loads(capsys.readouterr().out)}
     assert ops["cross_entropy"]["diff"] == ["logits"] and ops["softmax"]["family"] == "core"
