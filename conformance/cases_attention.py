@@ -9,8 +9,8 @@ Tolerance magnitudes (``scale``): attention outputs are weighted sums of values 
 weights depend on scores, so a relative rounding error in a score of magnitude ``|e|``
 moves the output by about ``|e|·max|v|``: ``M = max|v| · max(1, max|e|)``, with ``|e|``
 bounded from the inputs (``Σ|q||k|``); for layer norm the input is divided by ``σ``, so
-``M = max|γ| · max|x| / σ + max|β|`` (and ``1/σ`` more for a vjp), taken over every
-layer norm of a Transformer layer. A vjp's ``M`` is further multiplied by
+``M = max|γ| · max|x| / σ + max|β|`` (and ``1/σ`` more for a vjp), multiplied over the
+chained layer norms of a Transformer layer. A vjp's ``M`` is further multiplied by
 ``max|cotangent|`` and by the largest input a weight gradient multiplies.
 """
 
@@ -248,14 +248,19 @@ def _ln_conditioning(x: np.ndarray, eps: float) -> tuple[float, float]:
     return float(np.max(np.abs(x) / sigma, initial=1.0)), float(np.max(1 / sigma, initial=1.0))
 
 
-def _ln_magnitude(xs, norms, eps: float, cot) -> float:
+def _ln_magnitude(xs, norms, eps: float, cot, chained: bool = False) -> float:
     """``M = (max|γ|·max|x|/σ + max|β|)·max|cot|``, times ``1/min σ`` for a vjp, over the
-    inputs ``xs`` of the layer norms with parameters ``norms``."""
-    m = 1.0
+    inputs ``xs`` of the layer norms with parameters ``norms``: the largest factor, or
+    with ``chained`` (a Transformer layer, where an error made before one layer norm
+    passes through the next ones) their product, since the condition number of a
+    composition is at most the product of its parts'."""
+    factors = [1.0]
     for x, (gamma, beta) in zip(xs, norms, strict=True):
         rel, inv_sigma = _ln_conditioning(x, eps)
         g, b = float(np.max(_abs(gamma))), float(np.max(_abs(beta)))
-        m = max(m, (max(1.0, g) * rel + b) * (1.0 if cot is None else max(1.0, inv_sigma)))
+        factors.append(max(1.0, (max(1.0, g) * rel + b)
+                           * (1.0 if cot is None else max(1.0, inv_sigma))))
+    m = float(np.prod(factors)) if chained else max(factors)
     return m * _cot(cot)
 
 
@@ -365,9 +370,9 @@ def _ln_inputs(call: Call) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.
 
 
 def _layer_scale(call: Call, cot=None) -> float:
-    """The worst layer-norm conditioning in the layer (see :func:`_ln_magnitude`)."""
+    """The layer norms' conditioning, chained through the layer (see :func:`_ln_magnitude`)."""
     ins, norms = _ln_inputs(call)
-    return _ln_magnitude(ins, norms, call.kwargs["eps"], cot)
+    return _ln_magnitude(ins, norms, call.kwargs["eps"], cot, chained=True)
 
 
 cases("transformer_encoder_layer", k=_layer_k, scale=_layer_scale)(_encoder)

@@ -197,21 +197,27 @@ def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None) -> Any
     perturbed inputs leave the op's domain). Deterministic: the signs are seeded by the
     inputs' bytes."""
     key = zlib.crc32(repr(jsonable([call.args, cot])).encode())
-    rng = np.random.default_rng(key)
-
-    def shake(a: np.ndarray) -> Any:
-        return tolerance.perturb(a, dtype, rng) if a.dtype.kind == "f" or a.dtype in (
-            DTYPES.values()) else a
-
-    args = _map(call.args, shake)
     kw = _op_kwargs(op, call, "float64")
-    try:
-        with np.errstate(all="ignore"):
-            if cot is None:
-                return _as_result(lmspec.OPS[op].reference(*args, **kw))
-            return _as_result(lmspec.vjp(op, args, kw, _map(cot, shake)))
-    except ValueError:
-        return None
+
+    def evaluate(sign: float) -> Any:
+        rng = np.random.default_rng(key)  # the same signs, mirrored for sign = -1
+
+        def shake(a: np.ndarray) -> Any:
+            return tolerance.perturb(a, dtype, rng, sign) if a.dtype.kind == "f" or (
+                a.dtype in DTYPES.values()) else a
+
+        args = _map(call.args, shake)
+        try:
+            with np.errstate(all="ignore"):
+                if cot is None:
+                    return _as_result(lmspec.OPS[op].reference(*args, **kw))
+                return _as_result(lmspec.vjp(op, args, kw, _map(cot, shake)))
+        except ValueError:
+            return None
+
+    # a perturbation and its mirror image: a kink (ReLU at 0, a top-k tie) that one of
+    # them moves away from, the other crosses
+    return [evaluate(1.0), evaluate(-1.0)]
 
 
 def reference(op: str, call: Call) -> Any:
@@ -317,7 +323,9 @@ def _compare_outputs(oc: OpCases, call: Call, got: Any, ref: Any, base: Any, dty
     scale = oc.scale(call, cot) if oc.scale else None
     refs, gots = _named(ref, label), _named(got, label)
     bases = _named(base, label) if base is not None else [(n, None) for n, _ in refs]
-    perts = _named(pert, label) if pert is not None else [(n, None) for n, _ in refs]
+    per_eval = [_named(p, label) if p is not None else [(n, None) for n, _ in refs]
+                for p in (pert or [None])]
+    perts = [(n, [pe[i][1] for pe in per_eval]) for i, (n, _) in enumerate(refs)]
     if len(refs) != len(gots):
         raise _BackendError(f"{label} has {len(gots)} arrays, but should have {len(refs)}")
     for (name, r), (_, g), (_, s), (_, q) in zip(refs, gots, bases, perts):
@@ -477,7 +485,7 @@ def run_target(backend: Any, target: Target, config: Settings,
                 _compare_outputs(oc, drawn, _as_result(got_g[i]), r,
                                  None if base_g is None else base_g[i], dtype, stats,
                                  f"grad {names[i]}", _map(cot, _widen),
-                                 None if pert_g is None else pert_g[i])
+                                 [None if p is None else p[i] for p in pert_g])
         except _Unsupported as exc:
             stats.unsupported += 1
             stats.unsupported_reason = str(exc)

@@ -37,7 +37,7 @@ POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
           "max|r(x ± u·max|x|) - r|/u); NaN/inf positions must match)")
 
 
-def perturb(x: np.ndarray, dtype: str, rng: np.random.Generator) -> np.ndarray:
+def perturb(x: np.ndarray, dtype: str, rng: np.random.Generator, sign: float = 1.0) -> np.ndarray:
     """``x ± u·max|x|`` elementwise in float64, signs drawn from ``rng``: the normwise
     backward-error model of reductions and matrix products, whose rounding errors are
     relative to the size of the whole vector, not of each element (so an exact 0 next
@@ -46,7 +46,7 @@ def perturb(x: np.ndarray, dtype: str, rng: np.random.Generator) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     fin = np.isfinite(a)
     size = float(np.abs(a[fin]).max(initial=0.0))
-    signs = rng.choice(np.array([-1.0, 1.0]), size=a.shape)
+    signs = sign * rng.choice(np.array([-1.0, 1.0]), size=a.shape)
     return np.where(fin, a + signs * UNIT_ROUNDOFF[dtype] * size, a)
 
 
@@ -85,8 +85,9 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
     """Compare ``got`` with the reference ``ref`` under the policy above.
 
     ``perturbed`` is the reference evaluated on the inputs perturbed by ``±u·max|x|``
-    each (see :func:`perturb`): its distance from ``ref``, divided by ``u``, is
-    the measured conditioning of this output, and ``M`` is at least that.
+    each (see :func:`perturb`), or a list of such evaluations: the largest distance
+    from ``ref``, divided by ``u``, is the measured conditioning of this output, and
+    ``M`` is at least that.
     """
     g = np.asarray(got, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
@@ -109,11 +110,11 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
     max_abs = float(err.max(initial=0.0))
     mag = float(np.abs(np.where(fin, r, 0.0)).max(initial=0.0))
     sens = 0.0
-    if perturbed is not None:
-        q = np.asarray(perturbed, dtype=np.float64)
-        if q.shape == r.shape:
+    for q in perturbed if isinstance(perturbed, (list, tuple)) else [perturbed]:
+        q = None if q is None else np.asarray(q, dtype=np.float64)
+        if q is not None and q.shape == r.shape:
             usable = fin & np.isfinite(q)
-            sens = float(np.where(usable, np.abs(q - r), 0.0).max(initial=0.0))
+            sens = max(sens, float(np.where(usable, np.abs(q - r), 0.0).max(initial=0.0)))
     m = max(mag, scale or 0.0, sens / UNIT_ROUNDOFF[dtype]) or 1.0
     base_err = 0.0
     if base is not None:
