@@ -51,38 +51,11 @@ def run_mutant():
     return run
 
 
-def central_difference_vjp(f: Callable[..., Any], args: Sequence[Any], index: int,
-                           cotangent: Any, h: float = 1e-6, member: int | None = None):
-    """``⟨cotangent, ∂f/∂args[index]⟩`` by float64 central differences (the oracle for
-    every hand-derived vjp). ``member`` picks one array of a tuple argument."""
-    import numpy as np
-
-    args = [tuple(np.array(m, dtype=np.float64) for m in a) if isinstance(a, tuple) else a
-            for a in args]
-    target = args[index][member] if member is not None else args[index]
-    x = np.array(target, dtype=np.float64)
-    grad = np.zeros_like(x)
-
-    def value(xv: Any) -> float:
-        a = list(args)
-        if member is not None:
-            a[index] = tuple(xv if j == member else m for j, m in enumerate(args[index]))
-        else:
-            a[index] = xv
-        out = f(*a)
-        outs = out if isinstance(out, tuple) else (out,)
-        cots = cotangent if isinstance(out, tuple) else (cotangent,)
-        return float(sum(np.sum(np.asarray(c) * np.asarray(o)) for c, o in zip(cots, outs)))
-
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        grad[i] = (value(xp) - value(xm)) / (2 * h)
-    return grad
-
 
 @pytest.fixture
 def fd_vjp():
-    """The :func:`central_difference_vjp` oracle."""
-    return central_difference_vjp
+    """The finite-difference oracle, ``fd_vjp(op, args, kwargs, cot) -> tuple`` in the form
+    of ``lmspec.vjp`` (see :mod:`lmspec.conformance.oracles`)."""
+    from lmspec.conformance.oracles import finite_difference_vjp
+
+    return finite_difference_vjp

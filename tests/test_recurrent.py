@@ -12,6 +12,7 @@ from torch import nn
 
 import lmspec
 from lmspec.backends.torch_backend import TorchBackend
+from lmspec.conformance.oracles import finite_difference_vjp as fd_vjp
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 F64 = dict(atol=1e-12, rtol=1e-10)
@@ -67,51 +68,6 @@ def random_cot(out, rng):
     if isinstance(out, tuple):
         return tuple(random_cot(o, rng) for o in out)
     return rng.normal(size=np.shape(out))
-
-
-# -- finite differences ----------------------------------------------------------------------
-
-def _dot(cot, out) -> float:
-    if isinstance(out, tuple):
-        return sum(_dot(c, o) for c, o in zip(cot, out, strict=True))
-    return float(np.sum(np.asarray(cot) * np.asarray(out)))
-
-
-def _replacer(args, i, j=None):
-    """``b ↦ args`` with argument ``i`` (member ``j`` of a tuple argument) replaced by ``b``."""
-    def replace(b):
-        new = b if j is None else args[i][:j] + (b,) + args[i][j + 1:]
-        return args[:i] + (new,) + args[i + 1:]
-    return replace
-
-
-def fd_vjp(op, args, kwargs, cot, eps=1e-6):
-    """Central differences of ``⟨cot, op(args)⟩`` in every differentiable float argument."""
-    d = lmspec.OPS[op]
-    f = d.reference
-
-    def grad_of(replace):
-        def g(a):
-            out = np.zeros_like(a)
-            for idx in np.ndindex(a.shape):
-                vals = []
-                for s in (1, -1):
-                    b = a.copy()
-                    b[idx] += s * eps
-                    vals.append(_dot(cot, f(*replace(b), **kwargs)))
-                out[idx] = (vals[0] - vals[1]) / (2 * eps)
-            return out
-        return g
-
-    grads = []
-    for i, (name, a) in enumerate(zip(d.params, args, strict=False)):
-        if name not in d.diff or a is None:
-            grads.append(None)
-        elif isinstance(a, tuple):
-            grads.append(tuple(grad_of(_replacer(args, i, j))(m) for j, m in enumerate(a)))
-        else:
-            grads.append(grad_of(_replacer(args, i))(a))
-    return tuple(grads)
 
 
 def assert_tree_close(got, want, **tol):
