@@ -1,4 +1,4 @@
-"""The tolerance policy (DESIGN-NOTES §Tolerance), in one place.
+"""The tolerance policy, in one place (the README explains it for readers of reports).
 
 For each output array of an example, with ``r`` the float64 reference on the very
 inputs the backend received, ``b`` the backend's answer and ``s`` the spec's own

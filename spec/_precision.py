@@ -2,7 +2,7 @@
 
 The reference computes in float64. The conformance harness also evaluates the very
 same formulas in the dtype under test (the "baseline" of the tolerance policy,
-DESIGN-NOTES §Tolerance), so every reference function converts its float inputs
+conformance.tolerance), so every reference function converts its float inputs
 with :func:`fl`, which honours :func:`computing_in`.
 """
 
