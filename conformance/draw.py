@@ -2,7 +2,7 @@
 
 Every float array is drawn as float64 values and then rounded to the dtype under
 test, so the array handed to a backend is exactly representable in its dtype and the
-float64 reference sees the very same numbers (DESIGN-NOTES, tolerance policy).
+float64 reference sees the very same numbers (see conformance.tolerance).
 """
 
 from __future__ import annotations
