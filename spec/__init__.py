@@ -12,7 +12,7 @@ from ._catalogue import FAMILIES, OPS, OpDef
 from ._plugin import hookimpl
 from ._precision import DTYPES, computing_in
 from ._vjp import vjp
-from .backend import Backend
+from .backend import Backend, Deviation
 
 for _family in FAMILIES:  # declares the ops, in catalogue order
     import_module(f"{__name__}.{_family}")
@@ -32,5 +32,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(OPS))
 
 
-__all__ = ["FAMILIES", "OPS", "DTYPES", "Backend", "OpDef", "SPEC_VERSION", "computing_in",
-           "hookimpl", "vjp", *OPS]
+__all__ = ["FAMILIES", "OPS", "DTYPES", "Backend", "Deviation", "OpDef", "SPEC_VERSION",
+           "computing_in", "hookimpl", "vjp", *OPS]
