@@ -57,13 +57,6 @@ def _np_log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def _below_one(u: np.ndarray, dtype: str) -> np.ndarray:
-    """``u`` rounded to ``dtype``, with values that rounded up to 1 moved just below it."""
-    r = d.as_dtype(u, dtype)
-    top = np.nextafter(np.array(1.0, dtype=r.dtype), np.array(0.0, dtype=r.dtype))
-    return np.where(r >= 1, top, r).astype(r.dtype)
-
-
 # -- kl_divergence ------------------------------------------------------------------
 
 @cases("kl_divergence", scale=lambda call, cot=None: _kl_scale(*call.args) * _cot_scale(cot))
@@ -206,7 +199,7 @@ def _draws(draw, dtype: str, shape, edges: list[float], label: str) -> np.ndarra
     edge = draw(st.lists(st.sampled_from(special), min_size=u.size, max_size=u.size),
                 label=f"{label} edges")
     u = np.where(pick, np.reshape(edge, shape), u)
-    return _below_one(u, dtype)
+    return d.below_one(u, dtype)
 
 
 @st.composite
@@ -523,7 +516,7 @@ def grid_frequencies_match_filtered(run, call: Call, dtype: str):
     eps = floor(dtype, x.shape[1], _probability_scale(x[0], kw["temperature"]))
     if margin <= eps:  # the filter's decision is ambiguous in this dtype
         return
-    u = d.as_dtype((np.arange(GRID) + 0.5) / GRID, dtype)
+    u = d.below_one((np.arange(GRID) + 0.5) / GRID, dtype)
     ids = run("sample_token", np.repeat(x, GRID, axis=0), u, **kw)
     counts = np.bincount(ids, minlength=x.shape[1])
     slack = 1 + GRID * 16 * UNIT_ROUNDOFF[dtype] * max(1.0, _max_abs(x) / kw["temperature"])

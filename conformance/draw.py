@@ -23,6 +23,15 @@ def as_dtype(a: np.ndarray | float, dtype: str) -> np.ndarray:
     return np.asarray(a, dtype=np.float64).astype(DTYPES[dtype])
 
 
+def below_one(u: np.ndarray | float, dtype: str) -> np.ndarray:
+    """Uniform draws ``u ∈ [0, 1]`` rounded to ``dtype``, those that round up to 1 moved to
+    the largest value below 1 (bfloat16 rounds ``1 − 2⁻⁹`` to 1.0): a draw handed to a
+    backend lies in ``[0, 1)`` in the dtype under test, as the contract requires."""
+    r = as_dtype(u, dtype)
+    top = np.nextafter(np.array(1.0, dtype=r.dtype), np.array(0.0, dtype=r.dtype))
+    return np.where(r >= 1, top, r).astype(r.dtype)
+
+
 def floats(draw, dtype: str, shape: Sequence[int], lo: float = -3.0, hi: float = 3.0,
            *, label: str = "array") -> np.ndarray:
     """An array of ``shape`` with elements in ``[lo, hi]``, rounded to ``dtype``."""
