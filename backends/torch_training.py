@@ -25,7 +25,7 @@ NOTES = {
         "inverse-CDF sampling composed from torch.softmax, a stable descending torch.sort, "
         "cumsum, torch.where and torch.searchsorted, in the dtype under test; softmax of "
         "(logits − max)/T, as float16 logits/T overflows (66/0.001) and softmax of inf "
-        "is NaN."),
+        "is NaN. min_p: a torch.where against min_p × the largest filtered probability."),
 }
 
 DEVIATIONS = {
@@ -116,7 +116,7 @@ def _renormalised(p, keep):
     return p / p.sum(dim=-1, keepdim=True)
 
 
-def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     p, order = torch.sort(torch.softmax(_scaled(logits, temperature), dim=-1), dim=-1,
@@ -126,6 +126,8 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1:
         before = torch.cumsum(p, dim=-1) - p
         p = _renormalised(p, (before < top_p) | (rank == 0))
+    if min_p > 0:  # min-p (Nguyen et al. 2024) against the largest renormalised probability
+        p = _renormalised(p, (p >= min_p * p[..., :1]) | (rank == 0))
     cum = torch.cumsum(p, dim=-1)
     first = torch.searchsorted(cum, u[:, None].to(cum.dtype), right=True)[:, 0]
     last = (p > 0).sum(dim=-1) - 1

@@ -286,12 +286,13 @@ def _sample(draw, dtype: str) -> Call:
     temp = draw(st.sampled_from([0.0, 1e-3, 0.1, 0.7, 1.0, 3.0, 50.0]), label="temperature")
     top_k = draw(st.sampled_from([0, 1, 2, vocab, vocab + 3]), label="top_k")
     top_p = draw(st.sampled_from([1.0, 0.0, 1e-3, 0.3, 0.5, 0.75, 0.9, 0.999]), label="top_p")
+    min_p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.1, 0.5, 1.0]), label="min_p")
     edges = []
     if temp > 0:  # u on the bin edges of the reference's own filtered distribution
         _, ps = tr.sorted_probs(x.astype(np.float64), temp)
-        edges = np.cumsum(tr.filter_sorted(ps, top_k, top_p), axis=-1).ravel().tolist()
+        edges = np.cumsum(tr.filter_sorted(ps, top_k, top_p, min_p), axis=-1).ravel().tolist()
     u = draw(_draws(dtype, (b,), [e for e in edges if e < 1], "u"))
-    return Call((x, u), {"temperature": temp, "top_k": top_k, "top_p": top_p})
+    return Call((x, u), {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p})
 
 
 def _scaled_max(call: Call) -> float:
@@ -316,11 +317,11 @@ def _rank_holders(x: np.ndarray, order: np.ndarray, block: np.ndarray, r: int) -
 
 
 def sample_candidates(x: np.ndarray, u: float, temperature: float, top_k: int, top_p: float,
-                      eps: float) -> set[int]:
+                      eps: float, min_p: float = 0.0) -> set[int]:
     """Tokens some reading of the sampling rule selects when every comparison within
     ``eps`` (of probabilities with each other, of cumulative masses with ``u`` and
-    ``top_p``) may go either way; equal logits stay in id order. ``x`` is one row of
-    logits."""
+    ``top_p``, of probabilities with ``min_p ×`` the largest) may go either way; equal
+    logits stay in id order. ``x`` is one row of logits."""
     order, ps = tr.sorted_probs(x[None].astype(np.float64), temperature)
     order, ps = order[0], ps[0]
     vocab = ps.size
@@ -332,6 +333,10 @@ def sample_candidates(x: np.ndarray, u: float, temperature: float, top_k: int, t
         m for m in range(1, m_k + 1)
         if (m == 1 or frac[m - 1] < top_p + eps) and (m == m_k or frac[m] >= top_p - eps)]
     found: set[int] = set()
+    if min_p > 0:  # min-p keeps a prefix too: the ranks with p ≥ min_p × the largest
+        lengths = [m2 for m in lengths for m2 in range(1, m + 1)
+                   if (m2 == 1 or ps[m2 - 1] >= min_p * ps[0] - eps)
+                   and (m2 == m or ps[m2] < min_p * ps[0] + eps)]
     for m in lengths:
         cum = mass[: m + 1] / mass[m]
         for r in range(1, m + 1):
@@ -346,11 +351,12 @@ def compare_sample_token(call: Call, ref_out: np.ndarray, got_out: np.ndarray, d
     of ``top_p`` (see the module docstring)."""
     x, u = call.args
     temp, top_k, top_p = (call.kwargs[k] for k in ("temperature", "top_k", "top_p"))
+    min_p = call.kwargs.get("min_p", 0.0)
     ambiguous = 0
     for b in np.flatnonzero(got_out != ref_out):
         if temp == 0 or int(got_out[b]) not in sample_candidates(
                 x[b], float(u[b]), temp, top_k, top_p,
-                tol(x.shape[1], _probability_scale(x[b], temp))):
+                tol(x.shape[1], _probability_scale(x[b], temp)), min_p):
             return False, ambiguous, f"ids[{b}]={got_out[b]}, but should be {ref_out[b]}"
         ambiguous += 1
     return True, ambiguous, ""
@@ -524,3 +530,13 @@ def grid_frequencies_match_filtered(run, call: Call, dtype: str):
     yield Holds(f"|count − {GRID}·q| ≤ 1", worst <= slack,
                 f"counts {counts.tolist()}, expected {(GRID * q).round(2).tolist()}")
 
+
+@prop("sample_token")
+def min_p_zero_changes_nothing(run, call: Call, dtype: str):
+    """min_p = 0 keeps every token the other filters kept: the ids equal those of the same
+    call without min_p."""
+    kw = {k: val for k, val in call.kwargs.items() if k != "min_p"}
+    with_zero = run("sample_token", *call.args, **kw, min_p=0.0)
+    without = run("sample_token", *call.args, **kw)
+    yield Holds("sample(min_p=0) = sample()", bool(np.array_equal(with_zero, without)),
+                f"min_p=0 gave {with_zero.tolist()}, without min_p {without.tolist()}")

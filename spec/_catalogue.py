@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-FAMILIES = ("core", "ngram", "recurrent", "attention", "training")
+FAMILIES = ("core", "ngram", "recurrent", "attention", "training", "modern")
 
 VjpRule = Callable[..., Mapping[str, Any]]
 

@@ -226,7 +226,7 @@ def mlm_mask(tokens, select_u, action_u, random_tokens, mask_token_id, mask_prob
 
 # -- sampling ----------------------------------------------------------------------
 
-def _check_sample(logits, u, temperature, top_k, top_p):
+def _check_sample(logits, u, temperature, top_k, top_p, min_p=0.0):
     op = "sample_token"
     x = v.floats(op, "logits", logits, ndim=2)
     if x.shape[1] < 1:
@@ -237,7 +237,8 @@ def _check_sample(logits, u, temperature, top_k, top_p):
         v.fail(op, "temperature", "a finite number >= 0", repr(temperature))
     k = v.integer(op, "top_k", top_k, low=0)
     pp = v.real(op, "top_p", top_p, low=0.0, high=1.0)
-    return x, uu, temp, k, pp
+    mp = v.real(op, "min_p", min_p, low=0.0, high=1.0)
+    return x, uu, temp, k, pp, mp
 
 
 def sorted_probs(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -253,20 +254,25 @@ def _renormalised(ps: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return kept / np.sum(kept, axis=-1, keepdims=True)
 
 
-def filter_sorted(ps: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Top-k then top-p on sorted probabilities ``ps`` (rows descending), renormalised.
+def filter_sorted(ps: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0) -> np.ndarray:
+    """Top-k, top-p, then min-p on sorted probabilities ``ps`` (rows descending), each
+    renormalised.
 
     Top-k keeps ranks ``< top_k`` (all for 0); top-p keeps the shortest prefix whose
     mass reaches ``top_p``: rank ``j`` stays iff the mass strictly before it is
-    ``< top_p``, rank 0 always. ``top_p = 1`` keeps everything.
+    ``< top_p``, rank 0 always. ``top_p = 1`` keeps everything. Min-p (Nguyen et al.
+    2024) then keeps the tokens whose renormalised probability is ``≥ min_p ×`` the
+    largest (rank 0); ``min_p = 0`` keeps everything.
     """
     rank = np.arange(ps.shape[-1])
     ps = _renormalised(ps, rank < (top_k or ps.shape[-1]))
-    if top_p >= 1:
-        return ps
-    before = np.concatenate([np.zeros_like(ps[..., :1]), np.cumsum(ps, axis=-1)[..., :-1]],
-                            axis=-1)
-    return _renormalised(ps, (before < top_p) | (rank == 0))
+    if top_p < 1:
+        before = np.concatenate([np.zeros_like(ps[..., :1]), np.cumsum(ps, axis=-1)[..., :-1]],
+                                axis=-1)
+        ps = _renormalised(ps, (before < top_p) | (rank == 0))
+    if min_p > 0:
+        ps = _renormalised(ps, (ps >= fl(min_p) * ps[..., :1]) | (rank == 0))
+    return ps
 
 
 def _inverse_cdf(ps: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -279,7 +285,7 @@ def _inverse_cdf(ps: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 @reference("training")
-def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """Inverse-CDF sampling from the filtered ``p = softmax(logits/T)``, one token per row.
 
     Order the tokens by ``p`` descending, then id ascending; keep the first ``top_k``
@@ -287,11 +293,13 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     ``≥ top_p`` (at least one; Holtzman et al. 2020) and renormalise; return the first
     token in that order whose cumulative mass exceeds the given draw ``u ∈ [0, 1)``.
     ``temperature = 0`` is greedy: the arg max of the logits, lowest id among ties.
-    ``top_p = 1`` disables the nucleus filter; ``top_p = 0`` keeps one token.
+    ``top_p = 1`` disables the nucleus filter; ``top_p = 0`` keeps one token. Then min-p
+    (Nguyen et al. 2024): keep the tokens whose renormalised probability is ``≥ min_p ×``
+    the largest and renormalise (``min_p ∈ [0, 1]``; 0 changes nothing).
     """
-    x, uu, temp, k, pp = _check_sample(logits, u, temperature, top_k, top_p)
+    x, uu, temp, k, pp, mp = _check_sample(logits, u, temperature, top_k, top_p, min_p)
     if temp == 0:
         return np.argmax(x, axis=-1).astype(np.int64)
     order, ps = sorted_probs(x, temp)
-    rank = _inverse_cdf(filter_sorted(ps, k, pp), uu)
+    rank = _inverse_cdf(filter_sorted(ps, k, pp, mp), uu)
     return np.take_along_axis(order, rank[:, None], axis=-1)[:, 0].astype(np.int64)

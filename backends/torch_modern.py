@@ -1,0 +1,151 @@
+"""Modern family on torch's own kernels.
+
+``F.rms_norm``; ``F.scaled_dot_product_attention(..., enable_gqa=True)`` with one additive
+float mask that carries the causal/offset/window/mask visibility (``−inf``) and the ALiBi
+bias; ``F.silu`` / ``F.gelu(approximate=...)`` with ``F.linear``; ``F.linear`` +
+``F.cross_entropy`` (+ ``torch.logsumexp`` for the z-loss). Where torch has no kernel
+(rotary embedding, score soft-capping) the op is composed from torch ops and
+:data:`NOTES` says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NOTES = {
+    "rms_norm": "F.rms_norm.",
+    "rotary_embedding": "torch has no rotary kernel: composed from torch ops as Hugging Face "
+    "transformers and GPT-NeoX do it. The angles positions·θ and their cos/sin are computed in "
+    "float32 for float16/bfloat16 inputs (float64 for float64) and cast to the input dtype; "
+    "the rotation runs in the input dtype (rotate-half by slicing and torch.cat, interleaved "
+    "by strided slicing and torch.stack).",
+    "gated_mlp": "F.linear, F.silu / F.gelu(approximate='none' | 'tanh'), F.linear.",
+    "grouped_query_attention": "F.scaled_dot_product_attention(enable_gqa=True, scale=...) "
+    "with one additive float attn_mask [B,h,L,S] in the input dtype: −inf where a key is not "
+    "visible (mask, causal at q_offset, window), −slope·|q_offset + i − j| elsewhere (ALiBi); "
+    "a query with no visible key gets zeros from SDPA itself. softcap has no SDPA form (it is "
+    "a nonlinearity of the scores); torch's kernel for it is flex_attention(score_mod=...), "
+    "whose backward raises NotImplementedError on the CPU in torch 2.13 and whose forward "
+    "there is an unfused eager fallback, so with softcap the op is composed from torch.matmul "
+    "(key/value heads expanded with repeat_interleave), torch.tanh and torch.softmax (a query "
+    "with no visible key is given zeros by multiplying by the mask).",
+    "fused_linear_cross_entropy": "torch has no fused linear-cross-entropy kernel: F.linear, "
+    "softcap·torch.tanh(z/softcap), F.cross_entropy(ignore_index, label_smoothing) and, for "
+    "z_loss > 0, torch.logsumexp squared and averaged over the kept rows (Liger-Kernel and "
+    "Apple's cut-cross-entropy fuse these on CUDA; they are not torch).",
+}
+
+DEVIATIONS: dict[str, str] = {}
+
+
+# -- rms_norm ----------------------------------------------------------------------------
+
+def rms_norm(x, weight=None, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+# -- rotary_embedding --------------------------------------------------------------------
+
+def _angles(positions, half: int, r: int, base: float, dtype: torch.dtype):
+    """``cos, sin`` of ``positions·θ_i`` in float32 (float64 for float64), cast to
+    ``dtype``; shaped to broadcast over ``[B, h, T, r/2]``."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, r, 2, dtype=work, device=positions.device) / r)
+    angle = positions.to(work)[..., None] * inv_freq
+    if angle.dim() == 3:  # [B, T, r/2] -> [B, 1, T, r/2]
+        angle = angle[:, None]
+    return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+
+
+def rotary_embedding(x, positions, base=10000.0, interleaved=False, rotary_dim=None):
+    r = rotary_dim or x.shape[-1]
+    half = r // 2
+    cos, sin = _angles(positions, half, r, base, x.dtype)
+    rot, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        turned = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        turned = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return torch.cat([turned, rest], dim=-1)
+
+
+# -- gated_mlp ---------------------------------------------------------------------------
+
+_ACT = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="none"),
+        "gelu_tanh": lambda a: F.gelu(a, approximate="tanh")}
+
+
+def gated_mlp(x, W_gate, W_up, W_down, activation="silu"):
+    return F.linear(_ACT[activation](F.linear(x, W_gate)) * F.linear(x, W_up), W_down)
+
+
+# -- grouped_query_attention -------------------------------------------------------------
+
+def _visible(n_q: int, n_k: int, is_causal: bool, q_offset: int, window, dev) -> torch.Tensor:
+    """``[L, S]`` visibility from causality at ``q_offset`` and the window, and the signed
+    distance ``j − (q_offset + i)``."""
+    rel = (torch.arange(n_k, device=dev)[None, :]
+           - (q_offset + torch.arange(n_q, device=dev))[:, None])
+    allow = torch.ones(n_q, n_k, dtype=torch.bool, device=dev)
+    if is_causal:
+        allow &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allow &= rel >= -left
+        if right is not None:
+            allow &= rel <= right
+    return allow, rel
+
+
+def _as_4d(m):
+    return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+
+
+def grouped_query_attention(q, k, v, mask=None, is_causal=False, scale=None, q_offset=0,
+                            window=None, alibi_slopes=None, softcap=None):
+    b, h, n_q, e = q.shape
+    n_k = k.shape[2]
+    allow, rel = _visible(n_q, n_k, is_causal, q_offset, window, q.device)
+    allow = allow.expand(b, h, n_q, n_k)
+    if mask is not None:
+        allow = allow & _as_4d(mask)
+    bias = torch.zeros((), dtype=q.dtype, device=q.device)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.reshape(-1 if alibi_slopes.dim() == 1 else b, h)
+        slopes = slopes.reshape(slopes.shape[0], h, 1, 1)
+        bias = -slopes * rel.abs().to(q.dtype)
+    if softcap is None:
+        attn = torch.where(allow, bias, torch.full((), -math.inf, dtype=q.dtype,
+                                                    device=q.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale,
+                                              enable_gqa=True)
+    rep = h // k.shape[1]
+    ke, ve = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.matmul(q, ke.transpose(-1, -2)) * (1 / math.sqrt(e) if scale is None else scale)
+    s = softcap * torch.tanh(s / softcap) + bias
+    keep = allow | ~allow.any(dim=-1, keepdim=True)  # no NaN reaches autograd
+    w = torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1) * allow
+    return torch.matmul(w, ve)
+
+
+# -- fused_linear_cross_entropy ----------------------------------------------------------
+
+def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, softcap=None):
+    z = F.linear(hidden, weight, bias)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    loss = F.cross_entropy(z, targets, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        keep = targets != ignore_index
+        lse = torch.logsumexp(z, dim=-1)
+        sq = torch.where(keep, lse * lse, torch.zeros((), dtype=z.dtype, device=z.device))
+        loss = loss + z_loss * sq.sum() / keep.sum().clamp(min=1)
+    return loss
