@@ -1,0 +1,69 @@
+"""Core family on JAX's own functions: ``jax.nn.softmax``, ``jax.nn.log_softmax``,
+``jax.scipy.special.logsumexp``; the losses are composed from ``jax.nn.log_softmax`` as
+JAX code writes them (JAX has no cross-entropy function; see ``NOTES``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp as _logsumexp
+
+NOTES = {
+    "softmax": "jax.nn.softmax.",
+    "log_softmax": "jax.nn.log_softmax.",
+    "logsumexp": "jax.scipy.special.logsumexp.",
+    "cross_entropy": "JAX has no cross-entropy function: composed from jax.nn.log_softmax "
+    "as -take_along_axis(log_softmax(z), y) (label smoothing: (1-ε)·that + ε·mean_c "
+    "-log_softmax(z)[c]), averaged over the rows whose target is not ignore_index "
+    "(Σ/count, NaN when every row is ignored).",
+    "sequence_log_prob": "jnp.take_along_axis of the log-probabilities, masked with "
+    "jnp.where, summed over time.",
+    "perplexity": "jnp.exp of minus the masked mean of jnp.take_along_axis(log_probs, "
+    "tokens).",
+}
+
+STATIC = {"cross_entropy": ("label_smoothing",)}
+
+
+def softmax(x, axis=-1):
+    return jax.nn.softmax(x, axis=axis)
+
+
+def log_softmax(x, axis=-1):
+    return jax.nn.log_softmax(x, axis=axis)
+
+
+def logsumexp(x, axis=-1):
+    return _logsumexp(x, axis=axis)
+
+
+def _picked(log_probs, tokens):
+    """``log_probs[..., tokens]`` along the last axis (ids outside the vocabulary, such as
+    an ignore_index, are clamped: those rows are masked out by the caller)."""
+    safe = jnp.clip(tokens, 0, log_probs.shape[-1] - 1)
+    return jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    loss = -_picked(lp, targets)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * jnp.mean(lp, axis=-1)
+    keep = targets != ignore_index
+    total = jnp.sum(jnp.where(keep, loss, jnp.zeros_like(loss)))
+    return total / jnp.sum(keep).astype(loss.dtype)
+
+
+def sequence_log_prob(log_probs, tokens, mask=None):
+    picked = _picked(log_probs, tokens)
+    if mask is not None:
+        picked = jnp.where(mask, picked, jnp.zeros_like(picked))
+    return jnp.sum(picked, axis=1)
+
+
+def perplexity(log_probs, tokens, mask=None):
+    picked = _picked(log_probs, tokens)
+    if mask is None:
+        return jnp.exp(-jnp.mean(picked))
+    total = jnp.sum(jnp.where(mask, picked, jnp.zeros_like(picked)))
+    return jnp.exp(-total / jnp.sum(mask).astype(picked.dtype))

@@ -1,0 +1,134 @@
+"""Modern family in JAX.
+
+``jax.nn.dot_product_attention`` with ``K < N`` key/value heads (its grouped-query form:
+query head ``n`` reads key/value head ``n // (N/K)``) for grouped-query attention, with the
+ALiBi term as its additive ``bias`` and the visibility (mask, causal at ``q_offset``,
+window) as its boolean ``mask``; ``jax.nn.silu`` / ``jax.nn.gelu`` for the gated MLP.
+JAX has no RMS-norm, rotary-embedding or fused linear-cross-entropy function: those are
+composed as JAX code (Flax, MaxText) writes them; see ``NOTES``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NOTES = {
+    "rms_norm": "JAX has no RMS-norm function: x · jax.lax.rsqrt(mean(x², -1) + eps) · weight "
+    "in the input dtype (as Flax's nn.RMSNorm computes it with dtype = param_dtype = the "
+    "input dtype).",
+    "rotary_embedding": "JAX has no rotary function: composed as MaxText/Flax models do, the "
+    "angles positions·θ and their jnp.cos/jnp.sin in float32 (float64 for float64 inputs), "
+    "cast to the input dtype, the rotation in the input dtype.",
+    "gated_mlp": "matmuls with jax.nn.silu, jax.nn.gelu(approximate=False) or "
+    "jax.nn.gelu(approximate=True).",
+    "grouped_query_attention": "jax.nn.dot_product_attention (XLA) on [B, L, h, E] with the "
+    "key/value heads as its K < N heads, scale passed through, bias = −slope·|q_offset + i "
+    "− j| (ALiBi), boolean mask = mask ∧ causal at q_offset ∧ window; a query that sees no "
+    "key is given zeros (jax gives it the mean of the values). Unsupported: Ev ≠ E (jax "
+    "requires value to have key's shape). softcap has no jax.nn.dot_product_attention form "
+    "(a nonlinearity of the scores): with softcap the op is composed from jnp.einsum, "
+    "jnp.tanh and jax.nn.softmax(where=visible), as Gemma 2's JAX code writes it.",
+    "fused_linear_cross_entropy": "JAX has no fused linear-cross-entropy function: matmul, "
+    "softcap·jnp.tanh(z/softcap), the cross-entropy of jax_core (from jax.nn.log_softmax) "
+    "and, for z_loss > 0, jax.scipy.special.logsumexp squared, averaged over the kept rows.",
+}
+
+STATIC = {"fused_linear_cross_entropy": ("label_smoothing", "z_loss")}
+
+
+def rms_norm(x, weight=None, eps=1e-6):
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return y if weight is None else y * weight
+
+
+def rotary_embedding(x, positions, base=10000.0, interleaved=False, rotary_dim=None):
+    r = rotary_dim or x.shape[-1]
+    half = r // 2
+    work = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    inv_freq = jnp.power(jnp.asarray(base, work), -jnp.arange(0, r, 2, dtype=work) / r)
+    angle = positions.astype(work)[..., None] * inv_freq
+    if angle.ndim == 3:  # [B, T, r/2] -> [B, 1, T, r/2]
+        angle = angle[:, None]
+    cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+    rot, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        turned = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        turned = turned.reshape(*turned.shape[:-2], r)
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+        turned = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    return jnp.concatenate([turned, rest], axis=-1)
+
+
+_ACT = {"silu": jax.nn.silu, "gelu": lambda a: jax.nn.gelu(a, approximate=False),
+        "gelu_tanh": lambda a: jax.nn.gelu(a, approximate=True)}
+
+
+def gated_mlp(x, W_gate, W_up, W_down, activation="silu"):
+    return (_ACT[activation](x @ W_gate.T) * (x @ W_up.T)) @ W_down.T
+
+
+def _visibility(b: int, h: int, n_q: int, n_k: int, mask, is_causal: bool, q_offset, window):
+    """``([B|1, h|1, L, S] visible, [L, S] signed distance j − (q_offset + i))``."""
+    rel = jnp.arange(n_k)[None, :] - (q_offset + jnp.arange(n_q))[:, None]
+    allow = jnp.ones((n_q, n_k), bool)
+    if is_causal:
+        allow = allow & (rel <= 0)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allow = allow & (rel >= -left)
+        if right is not None:
+            allow = allow & (rel <= right)
+    allow = allow[None, None]
+    if mask is not None:
+        allow = allow & jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+    return jnp.broadcast_to(allow, (b, h, n_q, n_k)), rel
+
+
+def grouped_query_attention(q, k, v, mask=None, is_causal=False, scale=None, q_offset=0,
+                            window=None, alibi_slopes=None, softcap=None):
+    b, h, n_q, e = q.shape
+    g, n_k = k.shape[1], k.shape[2]
+    allow, rel = _visibility(b, h, n_q, n_k, mask, is_causal, q_offset, window)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.reshape(-1 if alibi_slopes.ndim == 1 else b, h, 1, 1)
+        bias = -slopes * jnp.abs(rel).astype(q.dtype)
+    sees = jnp.any(allow, axis=-1, keepdims=True)  # [B, h, L, 1]
+    if softcap is not None:
+        ke, ve = jnp.repeat(k, h // g, axis=1), jnp.repeat(v, h // g, axis=1)
+        s = jnp.einsum("bhle,bhse->bhls", q, ke) * (e ** -0.5 if scale is None else scale)
+        s = softcap * jnp.tanh(s / softcap)
+        if bias is not None:
+            s = s + bias
+        w = jax.nn.softmax(s, axis=-1, where=allow)
+        return jnp.einsum("bhls,bhsv->bhlv", w, ve)
+    if v.shape[-1] != e:
+        raise NotImplementedError("jax.nn.dot_product_attention requires Ev == E")
+    out = jax.nn.dot_product_attention(
+        *(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), bias=bias, mask=allow, scale=scale)
+    out = jnp.swapaxes(out, 1, 2)
+    return jnp.where(sees, out, jnp.zeros_like(out))
+
+
+def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, softcap=None):
+    from jax.scipy.special import logsumexp
+
+    from lmspec.backends.jax_core import cross_entropy
+
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    loss = cross_entropy(z, targets, ignore_index, label_smoothing)
+    if z_loss:
+        keep = targets != ignore_index
+        lse = logsumexp(z, axis=-1)
+        sq = jnp.where(keep, lse * lse, jnp.zeros_like(lse))
+        loss = loss + z_loss * jnp.sum(sq) / jnp.maximum(jnp.sum(keep), 1).astype(z.dtype)
+    return loss
