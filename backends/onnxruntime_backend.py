@@ -35,6 +35,8 @@ import lmspec
 from lmspec._precision import DTYPES
 
 _NOT_YET = re.compile(r"\w+ operator does not support \w+ yet")
+_SCHEMA_TYPE = re.compile(r"Type Error: Type '[^']+' of input parameter \(\w+\) of operator "
+                          r"\((\w+)\)")
 OPSET = 23  # the ONNX default domain opset of every graph (Attention, RMSNormalization …)
 MS_OPSET = 1  # com.microsoft
 
@@ -169,6 +171,10 @@ class Runtime:
                     raise NotImplementedError(
                         f"onnxruntime {self.ort.__version__} ({self.providers[0]}) has no "
                         f"kernel: {msg.split(':', 3)[-1].strip()}") from None
+                if _SCHEMA_TYPE.search(msg):  # the ONNX operator itself excludes the dtype
+                    raise NotImplementedError(
+                        f"the ONNX operator does not take {dtype}: "
+                        f"{_SCHEMA_TYPE.search(msg).group(0)}") from None
                 raise
             optimized = onnx.load(path, load_external_data=False)
         widened = _inserted_casts(model.graph, optimized.graph)
