@@ -286,7 +286,7 @@ def _sample(draw, dtype: str) -> Call:
     temp = draw(st.sampled_from([0.0, 1e-3, 0.1, 0.7, 1.0, 3.0, 50.0]), label="temperature")
     top_k = draw(st.sampled_from([0, 1, 2, vocab, vocab + 3]), label="top_k")
     top_p = draw(st.sampled_from([1.0, 0.0, 1e-3, 0.3, 0.5, 0.75, 0.9, 0.999]), label="top_p")
-    min_p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.1, 0.5, 1.0]), label="min_p")
+    min_p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.2, 0.3, 0.5, 1.0]), label="min_p")
     edges = []
     if temp > 0:  # u on the bin edges of the reference's own filtered distribution
         _, ps = tr.sorted_probs(x.astype(np.float64), temp)
