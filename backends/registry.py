@@ -26,7 +26,11 @@ from lmspec.backends import hookspecs
 
 ENTRY_POINT_GROUP = "lmspec"
 BUILTIN_PLUGIN = "lmspec.backends.builtin"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+BUILTIN_NAMES = ("torch-cpu", "torch-cuda", "jax-cpu", "jax-cuda", "onnxruntime-cpu",
+                 "onnxruntime-cuda")
+"""Names reserved for the built-in plugin (CONTRACT §3): any other plugin registering one
+is refused, whatever the order in which plugins load."""
 
 
 @dataclass
@@ -69,6 +73,13 @@ class Entry:
         return tuple(getattr(self.backend, "dtypes", ()))
 
 
+def plugin_of(ep: metadata.EntryPoint) -> Plugin:
+    """The :class:`Plugin` record of an entry point (nothing is imported)."""
+    dist = getattr(ep, "dist", None)
+    return Plugin(ep.name, "entry point", ep.value, getattr(dist, "name", "") or "",
+                  getattr(dist, "version", "") or "")
+
+
 def _error(exc: BaseException) -> str:
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
@@ -102,17 +113,18 @@ class Registry:
 
     def load_entry_points(self) -> None:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            dist = getattr(ep, "dist", None)
-            plugin = Plugin(ep.name, "entry point", ep.value,
-                            getattr(dist, "name", "") or "", getattr(dist, "version", "") or "")
-            if any(p.module == ep.value and p.error == "" for p in self.plugins):
-                continue  # the same module installed twice (e.g. editable + site)
-            try:
-                obj = ep.load()
-            except BaseException as exc:  # noqa: BLE001 - a broken plugin must not crash us
-                self._failed(plugin, exc)
-                continue
-            self.add(obj, plugin)
+            self.load_entry_point(ep)
+
+    def load_entry_point(self, ep: metadata.EntryPoint) -> None:
+        plugin = plugin_of(ep)
+        if any(p.module == ep.value and p.error == "" for p in self.plugins):
+            return  # the same module installed twice (e.g. editable + site)
+        try:
+            obj = ep.load()
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin must not crash us
+            self._failed(plugin, exc)
+            return
+        self.add(obj, plugin)
 
     def load_module(self, module: str, source: str) -> None:
         plugin = Plugin(module, source, module)
@@ -159,8 +171,10 @@ class Registry:
     def _register(self, backend: Any, plugin: Plugin) -> None:
         name = getattr(backend, "name", None)
         problem = ""
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            problem = f"backend name {name!r} must match [a-z0-9][a-z0-9._-]*"
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            problem = f"backend name {name!r} must match [a-z0-9][a-z0-9._-]{{0,63}}"
+        elif name in BUILTIN_NAMES and plugin.module.split(":")[0] != BUILTIN_PLUGIN:
+            problem = f"name {name!r} is taken by lmspec (built-in)"
         elif any(e.name == name and e.backend is not None for e in self.entries):
             problem = f"backend name {name!r} is already registered"
         elif not isinstance(getattr(backend, "device", None), str):
@@ -169,7 +183,8 @@ class Registry:
             dtypes = getattr(backend, "dtypes", None)
             if not isinstance(dtypes, (tuple, list)) or not set(dtypes) <= set(DTYPES):
                 problem = f"backend.dtypes must be a tuple of {sorted(DTYPES)}, got {dtypes!r}"
-        label = name if isinstance(name, str) else f"<{type(backend).__name__}>"
+        label = name if isinstance(name, str) and NAME_RE.fullmatch(name) else (
+            repr(name) if isinstance(name, str) else f"<{type(backend).__name__}>")
         if problem:
             self.entries.append(Entry(label, plugin, None, f"failed to load: {problem}"))
         else:

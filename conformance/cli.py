@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,36 +18,32 @@ import lmspec
 from lmspec._precision import DTYPES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
 
 
 class UsageError(Exception):
     """Bad usage or configuration: exit 2."""
 
 
-def _registry(plugins: Sequence[str] = ()):
-    from lmspec.backends.registry import Registry
+def _table(args: argparse.Namespace, names: Sequence[str] = ()):
+    """The backends, each loaded in a host process of its plugin; when every name asked
+    for is a built-in one, only the built-in plugin is loaded."""
+    from lmspec.backends.discovery import BackendTable
+    from lmspec.backends.registry import BUILTIN_NAMES
 
-    return Registry.default(plugins)
-
-
-def _backend_row(e: Any) -> dict[str, Any]:
-    version = e.plugin.version
-    info: dict[str, Any] = {}
-    if e.ok and callable(getattr(e.backend, "info", None)):
-        try:
-            info = dict(e.backend.info())
-        except Exception as exc:  # noqa: BLE001 - info() is optional decoration
-            info = {"error": f"info() raised {type(exc).__name__}: {exc}"}
-    return {"name": e.name, "device": e.device, "dtypes": list(e.dtypes),
-            "plugin": e.plugin.label, "source": e.plugin.source, "version": version,
-            "status": e.status, "info": info}
+    only_builtin = bool(names) and all(n in BUILTIN_NAMES for n in names)
+    return BackendTable.default(args.plugin, getattr(args, "timeout", None) or 30.0,
+                                only_builtin=only_builtin)
 
 
 # -- lmspec backends -------------------------------------------------------------------
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    reg = _registry(args.plugin)
-    rows = [_backend_row(e) for e in reg.all()]
+    table = _table(args)
+    try:
+        rows = [e.row() for e in table.check()]
+    finally:
+        table.close()
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return EXIT_OK
@@ -60,13 +57,15 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_ops(args: argparse.Namespace) -> int:
     from lmspec.conformance.harness import checks_of
 
-    reg = _registry(args.plugin)
-    entries = [e for e in reg.all() if e.backend is not None]
+    table = _table(args)
+    table.close()
+    entries = [e for e in table.entries if e.loaded]
     rows = []
     for name, d in lmspec.OPS.items():
         rows.append({"op": name, "family": d.family, "diff": list(d.diff),
                      "checks": checks_of(name),
-                     "backends": [e.name for e in entries if _implements(e.backend, name)],
+                     "backends": [e.name for e in entries
+                                  if name in e.descriptor.get("implements", ())],
                      "summary": d.summary})
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -94,13 +93,6 @@ def catalogue_markdown() -> str:
                     tablefmt="github") + "\n"
 
 
-def _implements(backend: Any, op: str) -> bool:
-    try:
-        return callable(getattr(backend, op, None))
-    except Exception:  # noqa: BLE001 - a backend whose attribute lookup fails implements nothing
-        return False
-
-
 # -- lmspec run --------------------------------------------------------------------
 
 def _select_ops(globs: Sequence[str]) -> list[str]:
@@ -116,18 +108,25 @@ def _select_ops(globs: Sequence[str]) -> list[str]:
     return [o for o in lmspec.OPS if o in ops]
 
 
-def _select_backends(reg: Any, names: Sequence[str]) -> list[Any]:
+def _select_backends(table: Any, names: Sequence[str]) -> list[Any]:
+    """The entries to run: the ones named (each must be ok), else every available one
+    (saying which were skipped and why)."""
     if not names:
-        chosen = reg.available()
+        entries = table.check()
+        for e in entries:
+            if not e.ok:
+                print(f"note: skipping backend {e.name}: {e.status}", file=sys.stderr)
+        chosen = [e for e in entries if e.ok]
         if not chosen:
             raise UsageError("no backend is available; see `lmspec backends`")
         return chosen
     chosen = []
     for n in names:
-        e = reg.get(n)
+        e = table.get(n)
         if e is None:
-            known = ", ".join(x.name for x in reg.all()) or "none"
+            known = ", ".join(x.name for x in table.entries) or "none"
             raise UsageError(f"--backend {n!r} is not registered (known: {known})")
+        table.check([e])
         if not e.ok:
             raise UsageError(f"backend {n!r} cannot run here: {e.status}")
         chosen.append(e)
@@ -165,106 +164,102 @@ class Progress:
             self.stream.write("\n")
 
 
-class Collector:
-    """pytest plugin (controller side) that gathers result records as they arrive."""
-
-    def __init__(self, progress: Progress):
-        self.results: dict[str, dict[str, Any]] = {}
-        self.progress = progress
-
-    def pytest_runtest_logreport(self, report: Any) -> None:
-        from lmspec.conformance.pytest_plugin import RESULT_KEY
-
-        res = dict(report.user_properties).get(RESULT_KEY)
-        key = report.nodeid.split("[", 1)[-1].rstrip("]")
-        if res is None:
-            if report.failed and key not in self.results:
-                # the check crashed outside the harness (e.g. a worker died): keep it as an error
-                b, op, dt, check = (key.split("::") + ["", "", "", ""])[:4]
-                res = {"backend": b, "op": op, "dtype": dt, "check": check, "status": "error",
-                       "examples": 0, "max_abs_err": 0.0, "max_rel_err": 0.0, "worst_ratio": 0.0,
-                       "tolerance": None, "counterexample": None, "reproduce": None,
-                       "message": (report.longreprtext or "crashed")[-2000:]}
-            else:
-                return
-        if key in self.results:
-            return
-        self.results[key] = res
-        self.progress(res)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    import pytest
-
-    from lmspec.conformance import harness, pytest_plugin, report
+    from lmspec.conformance import harness, report, runner
+    from lmspec.conformance.pytest_plugin import HOSTS
 
     for d in args.dtype or ():
         if d not in DTYPES:
             raise UsageError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}")
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError("--max-examples must be at least 1")
-    reg = _registry(args.plugin)
-    for e in reg.all():
-        if e.status.startswith("failed to load"):
-            print(f"warning: plugin {e.plugin.label}: {e.status}", file=sys.stderr)
-    entries = _select_backends(reg, args.backend)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
     ops = _select_ops(args.op)
     known_checks = {c for op in ops for c in harness.checks_of(op)}
     for c in args.check or ():
         if c not in known_checks:
             raise UsageError(f"--check {c!r} is not a check of the selected ops "
                              f"(known: {', '.join(sorted(known_checks))})")
-    backends = [e.backend for e in entries]
+    try:
+        report_dir = runner.check_report_dir(args.report_dir)
+    except OSError as exc:
+        raise UsageError(f"cannot write reports to --report-dir {args.report_dir}: "
+                         f"{exc.strerror or exc}") from None
+    table = _table(args, args.backend)
+    try:
+        return _run(args, table, ops, report_dir, harness, report, runner, HOSTS)
+    finally:
+        HOSTS.clear()
+        table.close()
+
+
+def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, harness: Any,
+         report: Any, runner: Any, hosts: dict[Any, Any]) -> int:
+    for e in table.entries:
+        if e.status.startswith("failed to load"):
+            print(f"warning: plugin {e.source.label}: {e.status}", file=sys.stderr)
+    entries = _select_backends(table, args.backend)
+    backends = [e.backend() for e in entries]
     todo = harness.targets(backends, ops, args.dtype, args.check)
     if not todo:
         raise UsageError("the selection is empty (do the backends declare the --dtype asked?)")
     replay: list[str] = []
     for e in entries:
-        if e.plugin.source in ("--plugin", "LMSPEC_PLUGINS"):
-            replay += ["--plugin", e.plugin.module]
-    cfg = {"backends": [e.name for e in entries], "ops": ops, "dtypes": args.dtype,
-           "checks": args.check, "plugins": list(args.plugin), "profile": args.profile,
-           "max_examples": args.max_examples, "seed": args.seed, "replay_args": replay}
-    settings = harness.Settings(args.profile, args.max_examples, args.seed)
+        if e.source.kind in ("--plugin", "LMSPEC_PLUGINS"):
+            replay += ["--plugin", e.source.target]
+    settings = harness.Settings(args.profile, args.max_examples, args.seed, args.timeout)
+    cfg = {"backends": [{"descriptor": e.descriptor, "source": [e.source.kind, e.source.target]}
+                        for e in entries],
+           "ops": ops, "dtypes": args.dtype, "checks": args.check, "profile": args.profile,
+           "max_examples": args.max_examples, "seed": args.seed, "timeout": args.timeout,
+           "replay_args": replay, "targets": [t.id for t in todo]}
+    if args.jobs == 1:  # this process is the judge: lend it the hosts already started
+        hosts.update({(e.source.kind, e.source.target): e.host for e in entries})
+    rows = [e.row() for e in entries]
+    run_settings = {
+        "profile": args.profile, "max_examples": settings.examples, "seed": args.seed,
+        "ops": ops, "dtypes": args.dtype or sorted({t.dtype for t in todo}, key=list(DTYPES).index),
+        "checks": args.check or "all", "backends": [e.name for e in entries]}
     print(f"lmspec {lmspec.__version__}: {len(todo)} checks on "
           f"{', '.join(e.name for e in entries)} ({len(ops)} ops; profile {args.profile}, "
           f"{settings.examples} examples per check, seed {args.seed})", file=sys.stderr)
+    journal = runner.Journal(report_dir, {"settings": run_settings, "backends": rows,
+                                          "targets": [t.id for t in todo]})
     progress = Progress(len(todo))
-    collector = Collector(progress)
-    pytest_args = ["-p", "lmspec.conformance.pytest_plugin", "-p", "no:cacheprovider",
-                   "-p", "no:terminal", "-o", "addopts=", "--rootdir", os.getcwd(),
-                   "--pyargs", "lmspec.conformance.suite"]
-    if args.jobs and args.jobs > 1:
-        pytest_args += ["-n", str(args.jobs)]
+
+    def on_result(r: dict[str, Any]) -> None:
+        journal.write(r)
+        progress(r)
+
     t0 = time.perf_counter()
-    old = os.environ.get(pytest_plugin.CONFIG_ENV)
-    os.environ[pytest_plugin.CONFIG_ENV] = json.dumps(cfg)
-    pytest_plugin.config.cache_clear()
-    pytest_plugin.registry.cache_clear()
     try:
-        code = pytest.main(pytest_args, plugins=[collector])
+        results, stopped = runner.execute(todo, cfg, args.jobs, on_result)
     finally:
         progress.close()
-        if old is None:
-            os.environ.pop(pytest_plugin.CONFIG_ENV, None)
-        else:
-            os.environ[pytest_plugin.CONFIG_ENV] = old
-    order = {t.id: i for i, t in enumerate(todo)}
-    results = [collector.results[k] for k in sorted(collector.results, key=lambda k: order.get(
-        k, len(order)))]
-    missing = [t for t in todo if t.id not in collector.results]
-    for t in missing:  # nothing is lost: a check that produced no result is an error
-        results.append({"backend": t.backend, "op": t.op, "dtype": t.dtype, "check": t.check,
-                        "status": "error", "examples": 0, "max_abs_err": 0.0, "max_rel_err": 0.0,
-                        "worst_ratio": 0.0, "tolerance": None, "counterexample": None,
-                        "reproduce": None,
-                        "message": f"no result was produced (pytest exit code {int(code)})"})
-    rep = report.build(results, {
-        "profile": args.profile, "max_examples": settings.examples, "seed": args.seed,
-        "ops": ops, "dtypes": args.dtype or sorted({t.dtype for t in todo}, key=list(DTYPES).index),
-        "checks": args.check or "all", "backends": [e.name for e in entries]},
-        [_backend_row(e) for e in reg.all()], time.perf_counter() - t0)
-    jpath, mpath = report.write(rep, args.report_dir)
+    rep = report.build(results, run_settings, rows, time.perf_counter() - t0,
+                       incomplete=stopped is not None)
+    try:
+        jpath, mpath = report.write(rep, report_dir)
+    except OSError as exc:
+        journal.close(remove=False)
+        print(f"lmspec: error: cannot write the report to {report_dir}: {exc}; the results are "
+              f"kept in {journal.path}", file=sys.stderr)
+        return EXIT_USAGE
+    journal.close(remove=True)
+    _summary(rep, results, jpath, mpath)
+    if stopped is not None:
+        print(f"interrupted by {signal.Signals(stopped).name}: the report is marked incomplete",
+              file=sys.stderr)
+        return runner.EXIT_SIGNAL.get(stopped, 128 + int(stopped))
+    return EXIT_FAIL if any(r["status"] in ("fail", "error") for r in results) else EXIT_OK
+
+
+def _summary(rep: dict[str, Any], results: list[dict[str, Any]], jpath: Any, mpath: Any) -> None:
+    from lmspec.conformance import report
+
     headers, rows = report.comparison(results)
     print(tabulate(rows, headers))
     bad = [r for r in results if r["status"] in ("fail", "error")]
@@ -276,7 +271,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     s = rep["summary"]
     print("\n" + ", ".join(f"{v} {k}" for k, v in s.items()) + f" — report {rep['report_id']}")
     print(f"written: {jpath} and {mpath}")
-    return EXIT_FAIL if bad else EXIT_OK
 
 
 # -- lmspec compare ----------------------------------------------------------------
@@ -307,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("backends", help="list every backend and its status")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="limit on loading a plugin and on its available() (default: 30)")
     plugin_opt(b)
     b.set_defaults(func=cmd_backends)
 
@@ -328,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", default="reports", metavar="DIR")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="parallel workers (pytest-xdist)")
+    r.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="limit on one backend call; a call that overstays has its backend "
+                        "process killed and the check becomes an error (default: 30)")
     plugin_opt(r)
     r.set_defaults(func=cmd_run)
 
@@ -348,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"lmspec: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `lmspec ops --json | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

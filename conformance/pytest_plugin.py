@@ -1,10 +1,15 @@
 """Running the conformance suite as a pytest session (so ``--jobs N`` is pytest-xdist).
 
 ``lmspec run`` puts its selection in the environment variable ``LMSPEC_RUN_CONFIG``
-(JSON) and runs ``pytest -p lmspec.conformance.pytest_plugin --pyargs
-lmspec.conformance.suite``; every xdist worker rebuilds the same target list from it.
-Each test item is one (backend, op, dtype, check) and hands its result record back to
-the controlling process through ``user_properties`` (which xdist forwards).
+(JSON: the backends' descriptors and plugin sources, ops, dtypes, checks, settings) and
+runs ``pytest -p lmspec.conformance.pytest_plugin --pyargs lmspec.conformance.suite``;
+every xdist worker rebuilds the same target list from it. Each test item is one
+(backend, op, dtype, check) and hands its result record back to the controlling process
+through ``user_properties`` (which xdist forwards).
+
+A pytest process here is a *judge*: it never imports plugin code. Each backend is served
+by a host child process of its plugin (:mod:`lmspec.backends.remote`), started on the
+first call and shared by the checks of that process.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ from typing import Any
 
 import pytest
 
-from lmspec.backends.registry import Registry
+from lmspec.backends.remote import DEFAULT_TIMEOUT_S, HostProcess, RemoteBackend
 
 from .harness import Settings, Target, run_target, targets
 
 CONFIG_ENV = "LMSPEC_RUN_CONFIG"
 RESULT_KEY = "lmspec_result"
+
+HOSTS: dict[tuple[str, str], HostProcess] = {}
+"""Host processes of this judge by plugin source (``lmspec run --jobs 1`` lends the
+ones its backend table already started)."""
 
 
 @cache
@@ -30,27 +39,37 @@ def config() -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+def _timeout() -> float:
+    return float(config().get("timeout", DEFAULT_TIMEOUT_S))
+
+
 @cache
-def registry() -> Registry:
-    return Registry.default(config().get("plugins", ()))
+def backends() -> dict[str, RemoteBackend]:
+    """The selected backends, each served by the host of its plugin."""
+    out = {}
+    for b in config().get("backends", []):
+        key = (b["source"][0], b["source"][1])
+        if key not in HOSTS:
+            HOSTS[key] = HostProcess([key], _timeout())
+        out[b["descriptor"]["name"]] = RemoteBackend(b["descriptor"], HOSTS[key])
+    return out
 
 
 def selected_targets() -> list[Target]:
-    cfg = config()
-    reg = registry()
-    entries = [reg.get(n) for n in cfg.get("backends", [])] if cfg.get("backends") else (
-        reg.available())
-    backends = [e.backend for e in entries if e is not None and e.ok]
     import lmspec
 
+    cfg = config()
     ops = cfg.get("ops") or list(lmspec.OPS)
-    return targets(backends, ops, cfg.get("dtypes"), cfg.get("checks"))
+    todo = targets(list(backends().values()), ops, cfg.get("dtypes"), cfg.get("checks"))
+    wanted = cfg.get("targets")
+    return [t for t in todo if t.id in set(wanted)] if wanted is not None else todo
 
 
 def settings() -> Settings:
     cfg = config()
     return Settings(profile=cfg.get("profile", "default"), max_examples=cfg.get("max_examples"),
-                    seed=int(cfg.get("seed", 0)), replay_args=tuple(cfg.get("replay_args", ())))
+                    seed=int(cfg.get("seed", 0)), call_timeout_s=_timeout(),
+                    replay_args=tuple(cfg.get("replay_args", ())))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -59,12 +78,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lmspec_target", ts, ids=[t.id for t in ts])
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Hosts this judge started go with it (``lmspec run --jobs 1`` closes its own)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for h in HOSTS.values():
+            h.close()
+        HOSTS.clear()
+
+
 def check(target: Target, record: Any) -> dict[str, Any]:
     """Run one target in this process and report it to pytest."""
-    entry = registry().get(target.backend)
-    backend = entry.backend
-    deviations = getattr(backend, "deviations", None) or {}
-    result = run_target(backend, target, settings(), dict(deviations))
+    backend = backends()[target.backend]
+    result = run_target(backend, target, settings(), backend.deviations)
     record(RESULT_KEY, result)
     status = result["status"]
     if status in ("fail", "error"):

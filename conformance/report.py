@@ -89,7 +89,9 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def build(results: list[dict[str, Any]], settings: dict[str, Any], backends: list[dict[str, Any]],
-          duration_s: float) -> dict[str, Any]:
+          duration_s: float, incomplete: bool = False) -> dict[str, Any]:
+    """The report of a run; ``backends`` are the backends that were run (CONTRACT §6,
+    2026-11-29); ``incomplete`` marks a run stopped by a signal."""
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "report_id": "",
@@ -102,6 +104,8 @@ def build(results: list[dict[str, Any]], settings: dict[str, Any], backends: lis
         "results": results,
         "summary": summarize(results),
     }
+    if incomplete:
+        report["incomplete"] = True
     report = jsonable(report)
     report["report_id"] = report_id(report)
     return report
@@ -112,10 +116,20 @@ def run_id(report: dict[str, Any]) -> str:
     return f"{stamp[:15]}-{report['report_id'].split(':')[1][:12]}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
+    a reader sees the old file or the new one, never half of one. The file gets the
+    usual mode for a new file (0644 under umask 022), not ``mkstemp``'s 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -84,7 +84,7 @@ def test_backends_and_ops_json(capsys):
     assert "torch-cpu" in ops["softmax"]["backends"]
 
 
-def test_failures_exit_1_with_replay_and_compare(tmp_path, capsys):
+def test_failures_exit_1_with_replay_and_compare(tmp_path, capsys, monkeypatch):
     """A plugin given with --plugin whose softmax is wrong fails, names the op, and
     its replay command reproduces the failure."""
     plugin = tmp_path / "wrong_plugin.py"
@@ -97,6 +97,7 @@ def test_failures_exit_1_with_replay_and_compare(tmp_path, capsys):
         "@lmspec.hookimpl\n"
         "def register_backends(register):\n"
         "    register(B())\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the backend host imports it
     sys.path.insert(0, str(tmp_path))
     try:
         code = main(["run", "--plugin", "wrong_plugin", "--backend", "wrong", "--op", "softmax",

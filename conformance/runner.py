@@ -1,0 +1,184 @@
+"""One conformance run that survives: a journal, signals, and a report whatever happens.
+
+``lmspec run`` hands :func:`execute` the targets and the backends (already loaded in
+their hosts). The checks run as a pytest session (in this process for one job, under
+pytest-xdist for more); each finished check is appended to a journal in the report
+directory as it arrives. ``SIGINT``/``SIGTERM`` stop the session; the checks finished by
+then are kept and the rest become ``skipped`` with the reason ``interrupted``, so the
+report is valid and marked ``"incomplete": true``. A controller that dies outright
+leaves the journal, from which ``lmspec report --journal FILE`` writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .harness import Target
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""Exit status of a run stopped by a signal (128 + the signal's number)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the controller by SIGTERM (SIGINT raises KeyboardInterrupt itself)."""
+
+
+def check_report_dir(directory: str | Path) -> Path:
+    """Create ``directory`` and prove it writable before the first check (``OSError``
+    with one line otherwise)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise OSError(f"--report-dir {d} exists and is not a directory")
+    d.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=d, prefix=".lmspec-write-test-")
+    try:
+        os.write(fd, b"x" * 4096)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return d
+
+
+def unrun(t: Target, message: str, status: str = "skipped") -> dict[str, Any]:
+    """The record of a check that produced no result."""
+    return {"backend": t.backend, "op": t.op, "dtype": t.dtype, "check": t.check,
+            "status": status, "examples": 0, "max_abs_err": 0.0, "max_rel_err": 0.0,
+            "worst_ratio": 0.0, "tolerance": None, "message": message,
+            "counterexample": None, "reproduce": None}
+
+
+class Journal:
+    """An append-only JSON-lines file: a header, then one result per finished check."""
+
+    def __init__(self, directory: Path, header: dict[str, Any]):
+        self.path = directory / f".lmspec-run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}" \
+            ".journal.jsonl"
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.write({"journal": 1, **header})
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+        self._f.flush()
+
+    def close(self, remove: bool) -> None:
+        self._f.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+def read_journal(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A journal's header and the results it holds (a torn last line is ignored)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise ValueError(f"{path}: empty journal")
+    header = json.loads(lines[0])
+    if header.get("journal") != 1:
+        raise ValueError(f"{path}: not an lmspec journal")
+    results = []
+    for line in lines[1:]:
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return header, results
+
+
+class Collector:
+    """pytest plugin (controller side) that gathers result records as they arrive."""
+
+    def __init__(self, on_result: Callable[[dict[str, Any]], None]):
+        self.results: dict[str, dict[str, Any]] = {}
+        self.on_result = on_result
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        from .pytest_plugin import RESULT_KEY
+
+        res = dict(report.user_properties).get(RESULT_KEY)
+        key = report.nodeid.split("[", 1)[-1].rstrip("]")
+        if res is None:
+            if report.failed and key not in self.results:
+                # the judge crashed outside the harness (e.g. an xdist worker died)
+                b, op, dt, check = (key.split("::") + ["", "", "", ""])[:4]
+                res = unrun(Target(b, op, dt, check), (report.longreprtext or "crashed")[-2000:],
+                            "error")
+            else:
+                return
+        if key in self.results:
+            return
+        self.results[key] = res
+        self.on_result(res)
+
+
+def _terminate_children() -> None:
+    """SIGTERM to this process's children (xdist workers, backend hosts), so that a
+    stopped run does not wait for the checks in flight (Linux; elsewhere xdist's own
+    shutdown waits for them)."""
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        try:
+            pids = [int(p) for p in task.read_text().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+
+def execute(todo: Sequence[Target], cfg: dict[str, Any], jobs: int,
+            on_result: Callable[[dict[str, Any]], None]) -> tuple[list[dict[str, Any]], int | None]:
+    """Run ``todo`` as a pytest session; the results in ``todo``'s order (every target has
+    one) and the signal that stopped the run, if any."""
+    import pytest
+
+    from . import pytest_plugin
+
+    collector = Collector(on_result)
+    pytest_args = ["-p", "lmspec.conformance.pytest_plugin", "-p", "no:cacheprovider",
+                   "-p", "no:terminal", "-o", "addopts=", "--rootdir", os.getcwd(),
+                   "--pyargs", "lmspec.conformance.suite"]
+    if jobs > 1:
+        pytest_args += ["-n", str(jobs)]
+    stopped: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not stopped:
+            stopped.append(signum)
+            _terminate_children()
+            raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = os.environ.get(pytest_plugin.CONFIG_ENV)
+    os.environ[pytest_plugin.CONFIG_ENV] = json.dumps(cfg)
+    pytest_plugin.config.cache_clear()
+    pytest_plugin.backends.cache_clear()
+    code: Any = None
+    try:
+        code = pytest.main(pytest_args, plugins=[collector])
+    except KeyboardInterrupt:
+        stopped.append(signal.SIGINT) if not stopped else None
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if old is None:
+            os.environ.pop(pytest_plugin.CONFIG_ENV, None)
+        else:
+            os.environ[pytest_plugin.CONFIG_ENV] = old
+    if code == pytest.ExitCode.INTERRUPTED and not stopped:
+        stopped.append(signal.SIGINT)
+    results = []
+    for t in todo:
+        r = collector.results.get(t.id)
+        if r is None:
+            r = unrun(t, "interrupted: the run was stopped before this check finished") if (
+                stopped) else unrun(t, f"no result was produced (pytest exit code {code})",
+                                    "error")
+        results.append(r)
+    return results, (stopped[0] if stopped else None)
