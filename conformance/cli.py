@@ -133,37 +133,6 @@ def _select_backends(table: Any, names: Sequence[str]) -> list[Any]:
     return chosen
 
 
-class Progress:
-    """Progress on stderr: a rewriting line on a terminal, a line per check otherwise."""
-
-    def __init__(self, total: int, stream: Any = None):
-        self.total = total
-        self.done = 0
-        self.bad = 0
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.t0 = time.perf_counter()
-
-    def __call__(self, result: dict[str, Any]) -> None:
-        self.done += 1
-        self.bad += result["status"] in ("fail", "error")
-        what = f"{result['backend']} {result['op']} {result['dtype']} {result['check']}"
-        elapsed = time.perf_counter() - self.t0
-        line = (f"[{self.done}/{self.total}] {elapsed:6.1f}s {result['status']:<11} {what}"
-                + (f"  ({self.bad} failing)" if self.bad else ""))
-        if self.tty:
-            self.stream.write("\r\033[K" + line[:150])
-            if result["status"] in ("fail", "error"):
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from lmspec.conformance import harness, report, runner
     from lmspec.conformance.pytest_plugin import HOSTS
@@ -198,6 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, harness: Any,
          report: Any, runner: Any, hosts: dict[Any, Any]) -> int:
+    from lmspec.conformance import terminal
+
     for e in table.entries:
         if e.status.startswith("failed to load"):
             print(f"warning: plugin {e.source.label}: {e.status}", file=sys.stderr)
@@ -228,7 +199,7 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
           f"{settings.examples} examples per check, seed {args.seed})", file=sys.stderr)
     journal = runner.Journal(report_dir, {"settings": run_settings, "backends": rows,
                                           "targets": [t.id for t in todo]})
-    progress = Progress(len(todo))
+    progress = terminal.Progress(len(todo))
 
     def on_result(r: dict[str, Any]) -> None:
         journal.write(r)
@@ -249,28 +220,12 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
               f"kept in {journal.path}", file=sys.stderr)
         return EXIT_USAGE
     journal.close(remove=True)
-    _summary(rep, results, jpath, mpath)
+    terminal.summary(rep, results, [jpath, mpath])
     if stopped is not None:
         print(f"interrupted by {signal.Signals(stopped).name}: the report is marked incomplete",
               file=sys.stderr)
         return runner.EXIT_SIGNAL.get(stopped, 128 + int(stopped))
     return EXIT_FAIL if any(r["status"] in ("fail", "error") for r in results) else EXIT_OK
-
-
-def _summary(rep: dict[str, Any], results: list[dict[str, Any]], jpath: Any, mpath: Any) -> None:
-    from lmspec.conformance import report
-
-    headers, rows = report.comparison(results)
-    print(tabulate(rows, headers))
-    bad = [r for r in results if r["status"] in ("fail", "error")]
-    for r in bad[:20]:
-        print(f"\n{r['status'].upper()}: {r['backend']} {r['op']} {r['dtype']} {r['check']}: "
-              f"{r['message'][:500]}")
-        if r.get("reproduce"):
-            print(f"  replay: {r['reproduce']}")
-    s = rep["summary"]
-    print("\n" + ", ".join(f"{v} {k}" for k, v in s.items()) + f" — report {rep['report_id']}")
-    print(f"written: {jpath} and {mpath}")
 
 
 # -- lmspec compare ----------------------------------------------------------------
