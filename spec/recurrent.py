@@ -32,7 +32,7 @@ Sequence ops need at least one time step (``T ≥ 1``); ``T = 0`` is a ``ValueEr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +41,14 @@ import numpy as np
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
 from ._precision import fl
+from ._recurrence import GRU as _GRU
+from ._recurrence import LSTM as _LSTM
+from ._recurrence import RNN as _RNN
+from ._recurrence import Cell as _Cell
+from ._recurrence import Layer, State, Weights, _sigmoid, layer_bwd, layer_fwd
 from .core import _cross_entropy_vjp, cross_entropy
 
-State = tuple[np.ndarray, ...]
-Weights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (W_ih, W_hh, b_ih, b_hh)
 WNAMES = ("W_ih", "W_hh", "b_ih", "b_hh")
-
-
-def _sigmoid(a: np.ndarray) -> np.ndarray:
-    """``σ(a) = 1 / (1 + e^{−a}) = exp(−softplus(−a))``, accurate (no overflow) for any ``a``."""
-    return np.exp(-np.logaddexp(0, -a))
 
 
 def _affine(x: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,126 +59,6 @@ def _affine(x: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _affine_back(dy: np.ndarray, x: np.ndarray, W: np.ndarray):
     """Gradients of ``y = x Wᵀ + b``: ``(∂x, ∂W, ∂b) = (dy W, dyᵀ x, Σ_batch dy)``."""
     return dy @ W, dy.T @ x, np.sum(dy, axis=0)
-
-
-def _split(a: np.ndarray, n: int) -> list[np.ndarray]:
-    return np.split(a, n, axis=-1)
-
-
-# -- one time step of each cell: forward with a cache, and its hand-derived backward ----------
-
-def _rnn_fwd(x, state: State, w: Weights, *, nonlinearity: str = "tanh"):
-    """Elman step: ``a = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh``, ``h' = f(a)`` (seed 001)."""
-    (h,) = state
-    W_ih, W_hh, b_ih, b_hh = w
-    a = _affine(x, W_ih, b_ih) + _affine(h, W_hh, b_hh)
-    h1 = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)
-    return (h1,), (x, h, a, h1)
-
-
-def _rnn_bwd(dstate: State, cache, w: Weights, *, nonlinearity: str = "tanh"):
-    """``∂a = ∂h' ⊙ f'(a)`` with ``tanh' = 1 − h'²`` and ``relu' = [a > 0]`` (0 at 0)."""
-    (dh1,) = dstate
-    x, h, a, h1 = cache
-    da = dh1 * (1 - h1 * h1) if nonlinearity == "tanh" else dh1 * (a > 0)
-    dx, dW_ih, db_ih = _affine_back(da, x, w[0])
-    dh, dW_hh, db_hh = _affine_back(da, h, w[1])
-    return dx, (dh,), (dW_ih, dW_hh, db_ih, db_hh)
-
-
-def _lstm_fwd(x, state: State, w: Weights):
-    """LSTM step (seed 001; seed 003 with biases), gate blocks ``i, f, g, o``:
-    ``[i f g o] = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh``,
-    ``c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)``, ``h' = σ(o) ⊙ tanh(c')``."""
-    h, c = state
-    W_ih, W_hh, b_ih, b_hh = w
-    i, f, g, o = _split(_affine(x, W_ih, b_ih) + _affine(h, W_hh, b_hh), 4)
-    si, sf, tg, so = _sigmoid(i), _sigmoid(f), np.tanh(g), _sigmoid(o)
-    c1 = sf * c + si * tg
-    tc = np.tanh(c1)
-    h1 = so * tc
-    return (h1, c1), (x, h, c, si, sf, tg, so, tc)
-
-
-def _lstm_bwd(dstate: State, cache, w: Weights):
-    """``∂c'ₜₒₜ = ∂c' + ∂h' σ(o)(1 − tanh²c')``; ``∂o = ∂h' tanh(c') σ'(o)``;
-    ``∂i = ∂c'ₜₒₜ tanh(g) σ'(i)``; ``∂f = ∂c'ₜₒₜ c σ'(f)``; ``∂g = ∂c'ₜₒₜ σ(i)(1 − tanh²g)``;
-    ``∂c = ∂c'ₜₒₜ σ(f)``, with ``σ' = σ(1 − σ)``."""
-    dh1, dc1 = dstate
-    x, h, c, si, sf, tg, so, tc = cache
-    dct = dc1 + dh1 * so * (1 - tc * tc)
-    dgates = np.concatenate([
-        dct * tg * si * (1 - si),
-        dct * c * sf * (1 - sf),
-        dct * si * (1 - tg * tg),
-        dh1 * tc * so * (1 - so),
-    ], axis=-1)
-    dx, dW_ih, db_ih = _affine_back(dgates, x, w[0])
-    dh, dW_hh, db_hh = _affine_back(dgates, h, w[1])
-    return dx, (dh, dct * sf), (dW_ih, dW_hh, db_ih, db_hh)
-
-
-def _gru_fwd(x, state: State, w: Weights, *, linear_before_reset: bool = True):
-    """GRU step, gate blocks ``r, z, n`` (rows of ``W_ih``, ``W_hh``, ``b_ih``, ``b_hh``):
-    ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``,
-    ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`` (linear before reset, seed 001) or
-    ``n = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn)`` (reset before the matmul, seed 003),
-    ``h' = (1 − z) ⊙ n + z ⊙ h``."""
-    (h,) = state
-    W_ih, W_hh, b_ih, b_hh = w
-    H = h.shape[-1]
-    xr, xz, xn = _split(_affine(x, W_ih, b_ih), 3)
-    hr, hz = _split(_affine(h, W_hh[:2 * H], b_hh[:2 * H]), 2)
-    r, z = _sigmoid(xr + hr), _sigmoid(xz + hz)
-    hn_in = h if linear_before_reset else r * h
-    hn = _affine(hn_in, W_hh[2 * H:], b_hh[2 * H:])
-    n = np.tanh(xn + (r * hn if linear_before_reset else hn))
-    h1 = (1 - z) * n + z * h
-    return (h1,), (x, h, r, z, n, hn_in, hn)
-
-
-def _gru_bwd(dstate: State, cache, w: Weights, *, linear_before_reset: bool = True):
-    """``∂n = ∂h'(1 − z)``, ``∂z = ∂h'(h − n)``, ``∂h ∋ ∂h' z``; ``∂aₙ = ∂n (1 − n²)``.
-    Linear before reset: ``∂(W_hn h + b_hn) = ∂aₙ ⊙ r``, ``∂r = ∂aₙ ⊙ (W_hn h + b_hn)``.
-    Reset before the matmul: ``∂(W_hn(r⊙h) + b_hn) = ∂aₙ``; with ``∂(r⊙h) = ∂aₙ W_hn``,
-    ``∂r = ∂(r⊙h) ⊙ h`` and ``∂h ∋ ∂(r⊙h) ⊙ r``. Gates: ``∂pre = ∂gate σ(1 − σ)``."""
-    (dh1,) = dstate
-    x, h, r, z, n, hn_in, hn = cache
-    H = h.shape[-1]
-    W_ih, W_hh = w[0], w[1]
-    dan = dh1 * (1 - z) * (1 - n * n)
-    dz_pre = dh1 * (h - n) * z * (1 - z)
-    dh = dh1 * z
-    if linear_before_reset:
-        dhn, dr = dan * r, dan * hn
-    else:
-        dhn = dan
-        drh = dan @ W_hh[2 * H:]
-        dr, dh = drh * h, dh + drh * r
-    dr_pre = dr * r * (1 - r)
-    dx, dW_ih, db_ih = _affine_back(np.concatenate([dr_pre, dz_pre, dan], axis=-1), x, W_ih)
-    dh_rz, dW_rz, db_rz = _affine_back(np.concatenate([dr_pre, dz_pre], axis=-1), h,
-                                       W_hh[:2 * H])
-    dh_n, dW_n, db_n = _affine_back(dhn, hn_in, W_hh[2 * H:])
-    dh = dh + dh_rz + (dh_n if linear_before_reset else 0)
-    dW_hh = np.concatenate([dW_rz, dW_n], axis=0)
-    db_hh = np.concatenate([db_rz, db_n], axis=0)
-    return dx, (dh,), (dW_ih, dW_hh, db_ih, db_hh)
-
-
-@dataclass(frozen=True)
-class _Cell:
-    """A cell kind: gate blocks per weight matrix, state arity, step forward and backward."""
-
-    gates: int
-    n_state: int
-    fwd: Callable[..., Any]
-    bwd: Callable[..., Any]
-
-
-_RNN = _Cell(1, 1, _rnn_fwd, _rnn_bwd)
-_LSTM = _Cell(4, 2, _lstm_fwd, _lstm_bwd)
-_GRU = _Cell(3, 1, _gru_fwd, _gru_bwd)
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -255,69 +133,58 @@ def _check_seq(op: str, cell: _Cell, x, states: Sequence[tuple[str, Any]], weigh
     return _Seq(xa, st, tuple(ws), L, D)
 
 
-# -- unrolling over time, layers and directions -----------------------------------------------
-
-def _times(T: int, d: int) -> range:
-    """Processing order: the reverse direction reads the sequence backwards."""
-    return range(T - 1, -1, -1) if d else range(T)
-
+# -- unrolling over layers and directions ----------------------------------------------------
 
 def _unroll(cell: _Cell, s: _Seq, opts: dict[str, Any]):
-    """Run every (layer, direction); returns ``(out, final states, tape)``.
+    """Run every (layer, direction); returns ``(out, final states, layers)``.
 
     Layer ``ℓ`` reads ``[forward, reverse]`` outputs of layer ``ℓ−1`` (``x`` for ℓ = 0);
     output ``t`` of the reverse direction is written at index ``t``;
-    ``h_n[ℓ·D + d]`` is the state after the last step that direction processed."""
-    inp, T = s.x, s.x.shape[1]
+    ``h_n[ℓ·D + d]`` is the state after the last step that direction processed. Inside,
+    sequences are time-major ``[T, B, ·]`` (see :mod:`lmspec._recurrence`)."""
+    inp = np.ascontiguousarray(s.x.transpose(1, 0, 2))
     finals: list[list[np.ndarray]] = [[] for _ in range(cell.n_state)]
-    tape: list[list[Any]] = []
+    layers: list[Layer] = []
     for layer in range(s.L):
-        outs = []
         for d in range(s.D):
             idx = layer * s.D + d
-            state = tuple(st[idx] for st in s.states)
-            ys: list[Any] = [None] * T
-            caches: list[Any] = [None] * T
-            for t in _times(T, d):
-                state, caches[t] = cell.fwd(inp[:, t], state, s.weights[idx], **opts)
-                ys[t] = state[0]
-            for k, st in enumerate(state):
+            layers.append(layer_fwd(cell, inp, tuple(st[idx] for st in s.states),
+                                    s.weights[idx], opts, reverse=bool(d)))
+            for k, st in enumerate(layers[-1].finals):
                 finals[k].append(st)
-            outs.append(np.stack(ys, axis=1))
-            tape.append(caches)
-        inp = np.concatenate(outs, axis=-1)
-    return inp, tuple(np.stack(f) for f in finals), tape
+        outs = [lay.ys for lay in layers[-s.D:]]
+        inp = outs[0] if s.D == 1 else np.concatenate(outs, axis=-1)
+    out = np.ascontiguousarray(inp.transpose(1, 0, 2))
+    return out, tuple(np.stack(f) for f in finals), layers
 
 
-def _unroll_back(cell: _Cell, s: _Seq, opts: dict[str, Any], tape, d_out, d_finals):
+def _unroll_back(cell: _Cell, s: _Seq, opts: dict[str, Any], layers: list[Layer], d_out,
+                 d_finals):
     """BPTT through time, directions and layers (top layer first).
 
-    For each direction, step backwards through its processing order: the state gradient
-    gains the output cotangent of that step, then the step's backward maps it to the
-    previous state; weight gradients are summed over steps. The input gradient of layer
-    ``ℓ`` is the output cotangent of layer ``ℓ−1``. What is left at the start of each
-    direction is the gradient of its initial state."""
-    T, H = s.x.shape[1], s.H
+    Each direction steps backwards through its processing order (:func:`layer_bwd`): the
+    state gradient gains the output cotangent of that step, the step's backward maps it
+    to the previous state, and the weight gradients are sums over steps. The input
+    gradient of layer ``ℓ`` (summed over its directions) is the output cotangent of layer
+    ``ℓ−1``. What is left at the start of each direction is the gradient of its initial
+    state."""
+    H = s.H
     d_init = [np.zeros_like(st) for st in s.states]
     dweights: list[Any] = [None] * (s.L * s.D)
-    dy = d_out
+    dy = d_out.transpose(1, 0, 2)
     for layer in reversed(range(s.L)):
-        dx = np.zeros(s.x.shape[:2] + (s.x.shape[2] if layer == 0 else s.D * H,),
-                      dtype=s.x.dtype)
+        dx = None
         for d in range(s.D):
             idx = layer * s.D + d
-            dstate = tuple(df[idx] for df in d_finals)
-            dw = [np.zeros_like(a) for a in s.weights[idx]]
-            for t in reversed(_times(T, d)):
-                dstate = (dstate[0] + dy[:, t, d * H:(d + 1) * H],) + dstate[1:]
-                dxt, dstate, dwt = cell.bwd(dstate, tape[idx][t], s.weights[idx], **opts)
-                dx[:, t] += dxt
-                dw = [a + b for a, b in zip(dw, dwt, strict=True)]
+            dxd, dstate, dweights[idx] = layer_bwd(
+                cell, layers[idx], dy[..., d * H:(d + 1) * H], [df[idx] for df in d_finals],
+                opts)
+            dx = dxd if dx is None else dx + dxd
             for k, ds in enumerate(dstate):
                 d_init[k][idx] = ds
-            dweights[idx] = tuple(dw)
         dy = dx
-    return dy, tuple(d_init), tuple(a for w in dweights for a in w)
+    return (np.ascontiguousarray(dy.transpose(1, 0, 2)), tuple(d_init),
+            tuple(a for w in dweights for a in w))
 
 
 def _cots(cot, like: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -336,7 +203,7 @@ def rnn_cell(x, h, W_ih, W_hh, b_ih, b_hh, nonlinearity="tanh"):
     """
     opts = _check_options("rnn_cell", {"nonlinearity": nonlinearity})
     xa, st, w = _check_cell("rnn_cell", _RNN, x, [("h", h)], (W_ih, W_hh, b_ih, b_hh))
-    return _RNN.fwd(xa, st, w, **opts)[0][0]
+    return layer_fwd(_RNN, xa[None], st, w, opts).ys[0]
 
 
 @vjp_rule(rnn_cell)
@@ -345,9 +212,9 @@ def _rnn_cell_vjp(cot, x, h, W_ih, W_hh, b_ih, b_hh, nonlinearity="tanh"):
     ``∂W_hh = ∂aᵀ h``, ``∂b_ih = ∂b_hh = Σ_batch ∂a``."""
     opts = _check_options("rnn_cell", {"nonlinearity": nonlinearity})
     xa, st, w = _check_cell("rnn_cell", _RNN, x, [("h", h)], (W_ih, W_hh, b_ih, b_hh))
-    _, cache = _RNN.fwd(xa, st, w, **opts)
-    dx, (dh,), dw = _RNN.bwd((fl(cot),), cache, w, **opts)
-    return {"x": dx, "h": dh, **dict(zip(WNAMES, dw, strict=True))}
+    lay = layer_fwd(_RNN, xa[None], st, w, opts)
+    dx, (dh,), dw = layer_bwd(_RNN, lay, None, (fl(cot),), opts)
+    return {"x": dx[0], "h": dh, **dict(zip(WNAMES, dw, strict=True))}
 
 
 @reference("recurrent", diff=("x", "h", "c", "W_ih", "W_hh", "b_ih", "b_hh"))
@@ -363,7 +230,7 @@ def lstm_cell(x, h, c, W_ih, W_hh, b_ih, b_hh):
     """
     xa, st, w = _check_cell("lstm_cell", _LSTM, x, [("h", h), ("c", c)],
                             (W_ih, W_hh, b_ih, b_hh))
-    return _LSTM.fwd(xa, st, w)[0]
+    return layer_fwd(_LSTM, xa[None], st, w, {}).finals
 
 
 @vjp_rule(lstm_cell)
@@ -371,9 +238,9 @@ def _lstm_cell_vjp(cot, x, h, c, W_ih, W_hh, b_ih, b_hh):
     """See :func:`_lstm_bwd`; ``cot = (∂h', ∂c')``."""
     xa, st, w = _check_cell("lstm_cell", _LSTM, x, [("h", h), ("c", c)],
                             (W_ih, W_hh, b_ih, b_hh))
-    (h1, c1), cache = _LSTM.fwd(xa, st, w)
-    dx, (dh, dc), dw = _LSTM.bwd(tuple(_cots(cot, (h1, c1))), cache, w)
-    return {"x": dx, "h": dh, "c": dc, **dict(zip(WNAMES, dw, strict=True))}
+    lay = layer_fwd(_LSTM, xa[None], st, w, {})
+    dx, (dh, dc), dw = layer_bwd(_LSTM, lay, None, _cots(cot, lay.finals), {})
+    return {"x": dx[0], "h": dh, "c": dc, **dict(zip(WNAMES, dw, strict=True))}
 
 
 @reference("recurrent", diff=("x", "h", "W_ih", "W_hh", "b_ih", "b_hh"))
@@ -389,7 +256,7 @@ def gru_cell(x, h, W_ih, W_hh, b_ih, b_hh, linear_before_reset=True):
     """
     opts = _check_options("gru_cell", {"linear_before_reset": linear_before_reset})
     xa, st, w = _check_cell("gru_cell", _GRU, x, [("h", h)], (W_ih, W_hh, b_ih, b_hh))
-    return _GRU.fwd(xa, st, w, **opts)[0][0]
+    return layer_fwd(_GRU, xa[None], st, w, opts).ys[0]
 
 
 @vjp_rule(gru_cell)
@@ -397,9 +264,9 @@ def _gru_cell_vjp(cot, x, h, W_ih, W_hh, b_ih, b_hh, linear_before_reset=True):
     """See :func:`_gru_bwd`."""
     opts = _check_options("gru_cell", {"linear_before_reset": linear_before_reset})
     xa, st, w = _check_cell("gru_cell", _GRU, x, [("h", h)], (W_ih, W_hh, b_ih, b_hh))
-    _, cache = _GRU.fwd(xa, st, w, **opts)
-    dx, (dh,), dw = _GRU.bwd((fl(cot),), cache, w, **opts)
-    return {"x": dx, "h": dh, **dict(zip(WNAMES, dw, strict=True))}
+    lay = layer_fwd(_GRU, xa[None], st, w, opts)
+    dx, (dh,), dw = layer_bwd(_GRU, lay, None, (fl(cot),), opts)
+    return {"x": dx[0], "h": dh, **dict(zip(WNAMES, dw, strict=True))}
 
 
 # -- sequences ------------------------------------------------------------------------------
@@ -562,15 +429,10 @@ def _check_lm(tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out, bptt_truncati
 
 def _lm_forward(tok, E, h0, w, W_out, b_out):
     """Teacher forcing: step ``t`` reads ``E[tokens[:, t]]`` and predicts ``tokens[:, t+1]``."""
-    X = E[tok[:, :-1]]
-    state, caches, hs = (h0,), [], []
-    for t in range(X.shape[1]):
-        state, cache = _RNN.fwd(X[:, t], state, w)
-        caches.append(cache)
-        hs.append(state[0])
-    hidden = np.stack(hs, axis=1)
+    lay = layer_fwd(_RNN, E[tok[:, :-1].T], (h0,), w, {})  # time-major [T, B, I]
+    hidden = np.ascontiguousarray(lay.ys.transpose(1, 0, 2))
     logits = _affine(hidden, W_out, b_out)
-    return hidden, logits, caches
+    return hidden, logits, lay
 
 
 @reference("recurrent", diff=("E", "h0", "W_ih", "W_hh", "b_ih", "b_hh", "W_out", "b_out"))
@@ -605,23 +467,17 @@ def _rnn_lm_loss_vjp(cot, tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out,
     tok, Ea, h, w, Wo, bo, k = _check_lm(tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out,
                                          bptt_truncation)
     V = Wo.shape[0]
-    hidden, logits, caches = _lm_forward(tok, Ea, h, w, Wo, bo)
+    hidden, logits, lay = _lm_forward(tok, Ea, h, w, Wo, bo)
     dlogits = _cross_entropy_vjp(cot, logits.reshape(-1, V), tok[:, 1:].reshape(-1))["logits"]
     dlogits = dlogits.reshape(logits.shape)
     dhidden, dW_out, db_out = _affine_back(dlogits.reshape(-1, V), hidden.reshape(
         -1, hidden.shape[-1]), Wo)
     dhidden = dhidden.reshape(hidden.shape)
-    T = hidden.shape[1]
-    dX = np.zeros(tok[:, :-1].shape + (Ea.shape[1],), dtype=Ea.dtype)
-    dw = [np.zeros_like(a) for a in w]
-    dh = np.zeros_like(h)
-    for t in reversed(range(T)):
-        dX[:, t], (dh,), dwt = _RNN.bwd((dh + dhidden[:, t],), caches[t], w)
-        dw = [a + b for a, b in zip(dw, dwt, strict=True)]
-        if k is not None and t % k == 0 and t > 0:
-            dh = np.zeros_like(dh)  # block boundary: the handed-over state is a constant
-    return {"E": _scatter_rows(tok[:, :-1], dX, Ea), "h0": dh, **dict(zip(WNAMES, dw, strict=True)),
-            "W_out": dW_out, "b_out": db_out}
+    # block boundaries: the handed-over state is a constant (layer_bwd's ``trunc``)
+    dX, (dh,), dw = layer_bwd(_RNN, lay, dhidden.transpose(1, 0, 2), (np.zeros_like(h),), {},
+                              trunc=k)
+    return {"E": _scatter_rows(tok[:, :-1].T, dX, Ea), "h0": dh,
+            **dict(zip(WNAMES, dw, strict=True)), "W_out": dW_out, "b_out": db_out}
 
 
 def _check_classifier(tokens, mask, labels, E, W, b, u):
