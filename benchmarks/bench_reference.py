@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/bench_reference.py [--threads 1] [--repeats 3]
         [--batch 32] [--time 128] [--width 512] [--heads 8] [--kv-heads 2]
-        [--ops lstm,gru,...] [--no-vjp]
+        [--ops lstm,gru,...] [--no-vjp] [--clock wall|cpu]
 
 For each op, at ``B`` = batch, ``T`` = time, ``D`` = width (also the LSTM/GRU input and
 hidden size and the feed-forward hidden size), ``h`` heads (``g`` key/value heads for
 ``grouped_query_attention``), it times the reference forward (``lmspec.<op>``) and its
-vjp (``lmspec.vjp``) against the same matrix products alone in NumPy, and prints
+hand-derived vjp (the op's ``vjp_rule``, which recomputes the forward; ``lmspec.vjp``
+checks the call and the cotangent around it) against the same matrix products alone in
+NumPy, and prints
 ``ratio = reference / matmuls`` (best of ``--repeats`` runs each). The matmul-only
 programs are the products an implementation cannot avoid:
 
@@ -51,6 +53,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--ops", default="lstm,gru,multi_head_attention,transformer_encoder_layer,"
                     "grouped_query_attention")
     ap.add_argument("--no-vjp", action="store_true", help="time the forward only")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a shared "
+                    "machine; equal to wall time on an idle one with --threads 1)")
     return ap.parse_args(argv)
 
 
@@ -66,12 +71,12 @@ import lmspec  # noqa: E402
 Case = tuple[tuple[Any, ...], dict[str, Any], Any, Callable[[], Any], Callable[[], Any]]
 
 
-def _best(fn: Callable[[], Any], repeats: int) -> float:
+def _best(fn: Callable[[], Any], repeats: int, clock: Callable[[], float]) -> float:
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -196,8 +201,9 @@ def _cases(a: argparse.Namespace) -> dict[str, Callable[[], Case]]:
 def main(a: argparse.Namespace) -> None:
     threads = ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in _THREAD_VARS)
     print(f"B={a.batch} T={a.time} D={a.width} heads={a.heads} kv_heads={a.kv_heads}; "
-          f"best of {a.repeats}; {threads}; numpy {np.__version__}")
+          f"best of {a.repeats}, {a.clock} clock; {threads}; numpy {np.__version__}")
     cases = _cases(a)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     rows = []
     for op in a.ops.split(","):
         if op not in lmspec.OPS:
@@ -207,9 +213,9 @@ def main(a: argparse.Namespace) -> None:
         ref = lmspec.OPS[op].reference
         runs = [("forward", partial(ref, *args, **kwargs), mm_fwd)]
         if not a.no_vjp:
-            runs.append(("vjp", partial(lmspec.vjp, op, args, kwargs, cot), mm_vjp))
+            runs.append(("vjp", partial(lmspec.OPS[op].vjp_rule, cot, *args, **kwargs), mm_vjp))
         for mode, ref_fn, mm_fn in runs:
-            t_ref, t_mm = _best(ref_fn, a.repeats), _best(mm_fn, a.repeats)
+            t_ref, t_mm = _best(ref_fn, a.repeats, clock), _best(mm_fn, a.repeats, clock)
             rows.append((op, mode, t_ref, t_mm))
             print(f"{op:<28}{mode:<9}{t_ref:>10.3f}s{t_mm:>10.3f}s{t_ref / t_mm:>8.2f}x",
                   flush=True)
