@@ -104,8 +104,8 @@ class GraphBuilder:
         if dt == "bfloat16":
             from onnx import helper
 
-            t = helper.make_tensor(name, _ELEM[dt], arr.shape, arr.view(np.uint16).ravel(),
-                                   raw=False)
+            t = helper.make_tensor(name, _ELEM[dt], arr.shape,
+                                   np.ascontiguousarray(arr).view(np.uint16).tobytes(), raw=True)
         else:
             t = numpy_helper.from_array(arr, name)
         self.initializers.append(t)

@@ -3,10 +3,11 @@
 ``SoftmaxCrossEntropyLoss``, run by ONNX Runtime's kernels.
 
 What the ONNX operators do not express is unsupported (``NotImplementedError``), never
-composed: ``grouped_query_attention``'s sliding ``window`` and ALiBi slopes, a
-``q_offset`` other than ``S − L`` with a causal mask (``S − L`` is expressed as a
-key/value cache: the first ``S − L`` keys are fed as ``past_key``/``past_value``);
-``fused_linear_cross_entropy``'s z-loss and label smoothing.
+composed: ``grouped_query_attention``'s ALiBi slopes, ``fused_linear_cross_entropy``'s
+z-loss and label smoothing. ``Attention``'s boolean ``attn_mask`` carries any visibility
+pattern, so a sliding window, and a causal ``q_offset`` other than ``0`` or ``S − L`` (which
+is expressed as a key/value cache: the first ``S − L`` keys fed as
+``past_key``/``past_value``), are given to the kernel as that mask.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ NOTES = {
     "gated_mlp": "ONNX MatMul; silu as Mul(a, Sigmoid(a)), gelu and gelu_tanh as Gelu "
                  "(approximate 'none' / 'tanh').",
     "grouped_query_attention": "ONNX Attention (opset 23), 4-d inputs with h query heads and "
-                               "g key/value heads, softcap attribute; q_offset = S − L "
-                               "(causal) as past_key/past_value; window and alibi_slopes "
-                               "are unsupported (no ONNX attribute).",
+                               "g key/value heads, is_causal and softcap attributes; a causal "
+                               "q_offset = S − L as past_key/past_value; the sliding window "
+                               "and any other causal q_offset, which no attribute expresses, "
+                               "as the boolean attn_mask (the visibility pattern, from "
+                               "integer positions); alibi_slopes is unsupported.",
     "fused_linear_cross_entropy": "ONNX MatMul (+ Add), softcap as Mul(Tanh(Div)), "
                                   "SoftmaxCrossEntropyLoss (mean, ignore_index); z_loss > 0 "
                                   "and label_smoothing > 0 are unsupported.",
@@ -136,26 +139,41 @@ def gated_mlp(rt: Runtime, x, W_gate, W_up, W_down, activation="silu"):
     return rt.run(("gated_mlp", activation), feeds, build)[0]
 
 
+def _band(L: int, S: int, q_offset: int, window: Any) -> np.ndarray:
+    """``[L, S]``: key ``j`` within ``window = (left, right)`` of query position
+    ``q_offset + i`` (all True without a window)."""
+    rel = np.arange(S)[None, :] - (q_offset + np.arange(L)[:, None])
+    band = np.ones((L, S), dtype=bool)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            band &= rel >= -left
+        if right is not None:
+            band &= rel <= right
+    return band
+
+
 def grouped_query_attention(rt: Runtime, q, k, v, mask=None, is_causal=False, scale=None,
                             q_offset=0, window=None, alibi_slopes=None, softcap=None):
     _check_scale(scale)
-    if window is not None:
-        raise NotImplementedError("ONNX Attention has no sliding window")
     if alibi_slopes is not None:
         raise NotImplementedError("ONNX Attention has no ALiBi bias")
     L, S = q.shape[-2], k.shape[-2]
-    past = 0
-    if is_causal and q_offset:
-        if q_offset != S - L or not 0 < q_offset < S:
-            raise NotImplementedError("ONNX Attention aligns a causal mask at q_offset = 0 or, "
-                                      "with a key/value cache, at S − L only")
-        past = int(q_offset)
+    causal, past, band = bool(is_causal), 0, _band(L, S, int(q_offset), window)
+    if causal and q_offset:
+        if 0 < q_offset == S - L:
+            past = int(q_offset)  # the first S − L keys as a key/value cache
+        else:  # no ONNX alignment for this offset: the visibility pattern as the mask
+            causal = False
+            band &= np.arange(S)[None, :] <= q_offset + np.arange(L)[:, None]
+    if not band.all():
+        mask = band if mask is None else np.asarray(mask, dtype=bool) & band
     feeds = [("q", q), ("k", k[:, :, past:]), ("v", v[:, :, past:])]
     if mask is not None:
         feeds.append(("mask", _mask4(mask, L, S)))
     if past:
         feeds += [("past_k", k[:, :, :past]), ("past_v", v[:, :, :past])]
-    attrs = dict(is_causal=int(bool(is_causal)), scale=None if scale is None else float(scale),
+    attrs = dict(is_causal=int(causal), scale=None if scale is None else float(scale),
                  softcap=None if softcap is None else float(softcap))
 
     def build(b: Any, _: list[str]) -> str:

@@ -109,7 +109,8 @@ def test_logsumexp_deviation_is_narrow(backend):
 @pytest.mark.parametrize("op, dtype", [
     ("softmax", "float32"), ("cross_entropy", "float64"), ("lstm_cell", "float32"),
     ("layer_norm", "float32"), ("scaled_dot_product_attention", "float16"),
-    ("rms_norm", "float32"),
+    ("rms_norm", "float32"), ("grouped_query_attention", "float32"),
+    ("logsumexp", "float64"),
 ])
 def test_conformance_through_the_harness(backend, op, dtype):
     config = Settings(max_examples=10)
