@@ -21,11 +21,16 @@ NOTES = {
     "log_softmax": "ONNX LogSoftmax (opset 13, any axis).",
     "logsumexp": "ONNX ReduceLogSumExp (opset 18, axes as an input, keepdims=0).",
     "cross_entropy": "ONNX SoftmaxCrossEntropyLoss (reduction='mean', ignore_index). "
-                     "label_smoothing > 0 is unsupported: the ONNX op has no smoothing.",
+                     "label_smoothing > 0 is unsupported: the ONNX op has no smoothing. "
+                     "onnxruntime's inference build has no kernel for it (nor for "
+                     "NegativeLogLikelihoodLoss: both are in its training build) and runs "
+                     "ONNX's function body of the op (LogSoftmax, GatherElements, Where, "
+                     "ReduceSum, Div).",
     "sequence_log_prob": "ONNX GatherElements on the vocabulary axis, Where (mask), ReduceSum "
                          "over time.",
     "perplexity": "ONNX NegativeLogLikelihoodLoss (reduction='mean', ignore_index=-100 on "
-                  "the tokens the mask leaves out, [B,V,T] layout via Transpose), then Exp.",
+                  "the tokens the mask leaves out, [B,V,T] layout via Transpose; run as "
+                  "ONNX's function body of the op, see cross_entropy), then Exp.",
 }
 
 
