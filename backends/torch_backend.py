@@ -72,7 +72,16 @@ def _flat(x: Any) -> list[Any]:
 
 
 class TorchBackend:
-    """A backend running torch's kernels on one device (``cpu``, ``cuda:0`` …)."""
+    """A backend running torch's kernels on one device (``cpu``, ``cuda:0`` …).
+
+    Public base class for plugins: a subclass sets :attr:`kernels` to replace some ops
+    by its own torch functions and inherits every other op, the NumPy↔torch conversion
+    and the gradients (``vjp`` by autograd through whichever kernel runs the op).
+    """
+
+    kernels: Mapping[str, Callable[..., Any]] = {}
+    """Op name → torch function (tensors in, tensors out, the catalogue's signature) that
+    replaces the built-in kernel of that op; its documented deviations are dropped."""
 
     def __init__(self, name: str, device: str, dtypes: Sequence[str]):
         self.name = name
@@ -99,7 +108,7 @@ class TorchBackend:
             mod = importlib.import_module(f"lmspec.backends.torch_{fam}")
             impls.update({op: getattr(mod, op) for op, d in lmspec.OPS.items()
                           if d.family == fam and callable(getattr(mod, op, None))})
-        return impls
+        return {**impls, **self.kernels}
 
     @cached_property
     def deviations(self) -> dict[str, str]:  # type: ignore[override]
@@ -108,7 +117,7 @@ class TorchBackend:
             mod = importlib.import_module(f"lmspec.backends.torch_{fam}")
             devs = getattr(mod, "DEVIATIONS", {})
             out.update(devs(self.device) if callable(devs) else devs)
-        return out
+        return {k: v for k, v in out.items() if k.split("/")[0] not in self.kernels}
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
         if op.startswith("_") or op not in lmspec.OPS:
