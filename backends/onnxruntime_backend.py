@@ -354,18 +354,15 @@ def _provider_works(provider: str) -> tuple[bool, str]:
     return True, ""
 
 
-def unsupported(what: str) -> NotImplementedError:
-    """The error an op raises for an option the runtime's kernels do not express."""
-    return NotImplementedError(what)
-
-
 def as_int64(a: np.ndarray) -> np.ndarray:
+    """Token ids and targets as ONNX's int64 (the contract's integer dtype already)."""
     return np.asarray(a, dtype=np.int64)
 
 
 def scalar_out(outs: Sequence[np.ndarray]) -> np.ndarray:
+    """The first output of a graph as a 0-d array (the contract's scalar result)."""
     return np.asarray(outs[0]).reshape(())
 
 
 __all__ = ["GraphBuilder", "OrtBackend", "Runtime", "as_int64", "elem_type", "float_dtype",
-           "scalar_out", "unsupported"]
+           "scalar_out"]
