@@ -22,14 +22,23 @@ SPEC_VERSION = "0.1.0"
 """Version of the specification (catalogue + semantics) that reports cite."""
 
 
+_LAZY = {"check": "api", "assert_conforms": "api", "assert_close": "api"}
+"""Public names of the conformance API, imported on first use (``import lmspec`` stays
+cheap: no Hypothesis, no torch)."""
+
+
 def __getattr__(name: str):
     if name in OPS:
         return OPS[name].reference
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.conformance.{_LAZY[name]}"), name)
+    if name == "adapters":
+        return import_module(f"{__name__}.conformance.adapters")
     raise AttributeError(f"module 'lmspec' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(OPS))
+    return sorted(set(globals()) | set(OPS) | set(_LAZY) | {"adapters"})
 
 
 __all__ = ["FAMILIES", "OPS", "DTYPES", "Backend", "Deviation", "OpDef", "SPEC_VERSION",
