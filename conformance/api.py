@@ -93,7 +93,8 @@ def check(op: str, fn: Callable[..., Any], *, dtypes: Iterable[str] | None = Non
     return out
 
 
-def describe_failure(r: Mapping[str, Any], fn_name: str = "fn") -> str:
+def describe_failure(r: Mapping[str, Any], fn_name: str = "fn",
+                     vjp_name: str | None = None) -> str:
     """One failed or erroneous record as text: verdict, tolerance, runnable counterexample
     and the replay call."""
     lines = [f"{r['op']} {r['dtype']} {r['check']}: {r['status']}", f"  {r['message']}"]
@@ -103,7 +104,8 @@ def describe_failure(r: Mapping[str, Any], fn_name: str = "fn") -> str:
                      f"C_FLOOR={tol['c_floor']:g}, u={tol['u']:.3g} (the failing example's "
                      "tolerance is in the message above)")
     if r.get("counterexample") is not None:
-        snippet = python_snippet(r["op"], r["dtype"], r["check"], r["counterexample"], fn_name)
+        snippet = python_snippet(r["op"], r["dtype"], r["check"], r["counterexample"], fn_name,
+                                 vjp_name)
         lines.append("  counterexample (shrunk), runnable:")
         lines += ["      " + s for s in snippet.splitlines()]
     if r.get("reproduce"):
@@ -161,7 +163,7 @@ def value_source(x: Any) -> str:
 
 
 def python_snippet(op: str, dtype: str, check: str, counterexample: Mapping[str, Any],
-                   fn_name: str = "fn") -> str:
+                   fn_name: str = "fn", vjp_name: str | None = None) -> str:
     """A counterexample record (``result["counterexample"]``) as a runnable snippet."""
     drawn = counterexample.get("input")
     text = repr(counterexample)
@@ -179,7 +181,8 @@ def python_snippet(op: str, dtype: str, check: str, counterexample: Mapping[str,
                  f"lmspec.assert_close({op!r}, args, kwargs, actual, {dtype!r})"]
     elif check == "vjp":
         body += [f"cotangent = {value_source(counterexample.get('cotangent'))}",
-                 f"grads = {fn_name}.vjp({op!r}, args, kwargs, cotangent)  # the vjp under test",
+                 f"grads = {vjp_name or fn_name + '.vjp'}({op!r}, args, kwargs, cotangent)"
+                 "  # the vjp under test",
                  f"# reference: lmspec.vjp({op!r}, <args in float64>, kwargs, <cotangent in "
                  "float64>)"]
     else:
