@@ -12,6 +12,12 @@ lets no key through gets all-zero weights and a zero context (never NaN); the ca
 mask is top-left (query ``i`` sees keys ``j ≤ i`` also when ``L ≠ S``) and combines with
 an explicit mask by AND.
 
+Sizes (a reading where the contract is silent): every sequence axis holds at least one
+position — queries ``L``, keys ``S``, the layers' ``T`` and ``memory``'s ``S`` — and the
+model width ``D`` of multi-head attention and the layers is at least 1; an empty one is a
+``ValueError``. An empty batch (``B = 0``) gives an empty result. Score matrices above
+``lmspec._validate.MAX_ELEMENTS`` elements are refused up front.
+
 Each forward is written as ``_*_fwd(...) -> (output, pullback)``: the pullback is the
 hand-derived vector-Jacobian product of that block, closed over the forward's
 intermediates. The public ops return the output; their ``@vjp_rule`` calls the
@@ -273,6 +279,7 @@ def _check_single_query(op, query, keys, values, mask, *, same_dim: bool):
     q = v.floats(op, "query", query, ndim=2)
     b = q.shape[0]
     k = v.floats(op, "keys", keys, shape=(b, None, q.shape[1] if same_dim else None))
+    v.positive_dims(op, "keys", k, {1: "S"})
     vals = v.floats(op, "values", values, shape=(b, k.shape[1], None))
     m = v.mask(op, "mask", mask, shape=(b, k.shape[1]))
     return q, k, vals, m
@@ -284,7 +291,10 @@ def _check_sdpa(q, k, v_, mask, is_causal, scale):
     b, h, n_q, e = q.shape
     k = v.floats(op, "k", k, shape=(b, h, None, e))
     vv = v.floats(op, "v", v_, shape=(b, h, k.shape[2], None))
+    v.positive_dims(op, "q", q, {2: "L"})
+    v.positive_dims(op, "k", k, {2: "S"})
     full = (b, h, n_q, k.shape[2])
+    v.budget(op, "k", math.prod(full), "score matrix [B, h, L, S]")
     m = v.mask(op, "mask", mask)
     if m is not None:
         try:
@@ -299,7 +309,7 @@ def _check_sdpa(q, k, v_, mask, is_causal, scale):
         if e == 0:
             v.fail(op, "q", "a non-empty last axis (E >= 1)", f"shape {q.shape}")
         scale = 1.0 / math.sqrt(e)
-    s = v.real(op, "scale", scale)
+    s = v.real(op, "scale", scale, finite=True)
     allow = _and(m, _causal(n_q, k.shape[2]) if causal else None)
     return q, k, vv, allow, s
 
@@ -325,10 +335,13 @@ def _check_mha(query, key, value, params, num_heads, key_valid, is_causal):
     op = "multi_head_attention"
     qx = v.floats(op, "query", query, ndim=3)
     b, n_q, d = qx.shape
+    v.positive_dims(op, "query", qx, {1: "L", 2: "D"})
     kx = v.floats(op, "key", key, shape=(b, None, d))
+    v.positive_dims(op, "key", kx, {1: "S"})
     vx = v.floats(op, "value", value, shape=kx.shape)
     ps = _check_attention_params(op, params, d)
     h = _check_heads(op, num_heads, d)
+    v.budget(op, "key", b * h * n_q * kx.shape[1], "score matrix [B, h, L, S]")
     kv = v.mask(op, "key_valid", key_valid, shape=(b, kx.shape[1]))
     causal = _flag(op, "is_causal", is_causal)
     allow = _and(_key_allow(kv), _causal(n_q, kx.shape[1]) if causal else None)
@@ -339,6 +352,7 @@ def _check_layer(op, x, weights, num_heads, norm_first, activation, eps, n_attn,
     """Validate a Transformer layer's ``x`` and flat ``weights`` tuple; return
     ``(x, attention param tuples, ffn params, norm params, h, norm_first, eps)``."""
     xx = v.floats(op, "x", x, ndim=3)
+    v.positive_dims(op, "x", xx, {1: "T", 2: "D"})
     d = xx.shape[2]
     want = 8 * n_attn + 4 + 2 * n_norm
     if not isinstance(weights, (tuple, list)) or len(weights) != want:
@@ -357,6 +371,8 @@ def _check_layer(op, x, weights, num_heads, norm_first, activation, eps, n_attn,
                    v.floats(op, f"weights[{o + 2 * i + 1}] (beta)", weights[o + 2 * i + 1],
                             shape=(d,))) for i in range(n_norm))
     h = _check_heads(op, num_heads, d)
+    v.budget(op, "x", xx.shape[0] * h * xx.shape[1] ** 2, "self-attention scores [B, h, T, T]")
+    v.budget(op, "weights", xx.shape[0] * xx.shape[1] * f, "feed-forward hidden [B, T, F]")
     nf = _flag(op, "norm_first", norm_first)
     v.one_of(op, "activation", activation, ("relu", "gelu"))
     e = v.real(op, "eps", eps, low=0.0)
@@ -384,6 +400,9 @@ def _additive_fwd(query, keys, values, W_q, W_k, v_, mask):
     op = "additive_attention"
     q, k, vals, m = _check_single_query(op, query, keys, values, mask, same_dim=False)
     vv = v.floats(op, "v", v_, ndim=1)
+    v.positive_dims(op, "query", q, {1: "Dq"})
+    v.positive_dims(op, "keys", k, {2: "Dk"})
+    v.positive_dims(op, "v", vv, {0: "A"})
     Wq = v.floats(op, "W_q", W_q, shape=(vv.shape[0], q.shape[1]))
     Wk = v.floats(op, "W_k", W_k, shape=(vv.shape[0], k.shape[2]))
     u, b_u = _linear_fwd(q, Wq, None)
@@ -409,7 +428,7 @@ def additive_attention(query, keys, values, W_q, W_k, v, mask=None):
 
     ``e_s = vᵀ tanh(W_q q + W_k k_s)``, ``α = softmax_masked(e)``, ``context = Σ_s α_s
     values_s``. Returns ``(context[B, Dv], weights[B, S])``; a row with no valid key
-    gives zero weights and a zero context.
+    gives zero weights and a zero context. ``S``, ``Dq``, ``Dk`` and ``A`` are at least 1.
     """
     out, _ = _additive_fwd(query, keys, values, W_q, W_k, v, mask)
     return out
@@ -468,8 +487,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False, scale=None
     ``[B,h,L,S]`` (``[S]``, ``[L,S]``, ``[B,1,1,S]``, …); ``is_causal`` lets query ``i``
     see keys ``j ≤ i`` (top-left, also when ``L ≠ S``); both combine by AND. A query that
     sees no key outputs zeros. Readings chosen where the contract is silent: ``scale`` may be
-    any real number (zero and negative included); ``mask`` has at most 4 axes and must
-    broadcast to exactly ``[B,h,L,S]``.
+    any finite real number (zero and negative included, CONTRACT §6); ``mask`` has at most 4
+    axes and must broadcast to exactly ``[B,h,L,S]``; ``L ≥ 1`` and ``S ≥ 1``.
     """
     qq, kk, vv, allow, s = _check_sdpa(q, k, v, mask, is_causal, scale)
     out, _ = _sdpa_fwd(qq, kk, vv, allow, s)
@@ -524,7 +543,9 @@ def sinusoidal_positional_encoding(length, d_model, base=10000.0, dtype="float64
 
     ``dtype`` names the precision a backend should answer in; the reference itself
     computes in its working precision (float64, or the dtype under test when the harness
-    evaluates the spec as its baseline). ``d_model`` must be even.
+    evaluates the spec as its baseline). ``d_model`` must be even; ``length = 0`` or
+    ``d_model = 0`` gives an empty array; more than ``MAX_ELEMENTS`` (2**28) elements in all is
+    a ``ValueError``.
     """
     op = "sinusoidal_positional_encoding"
     n = v.integer(op, "length", length, low=0)
@@ -533,6 +554,7 @@ def sinusoidal_positional_encoding(length, d_model, base=10000.0, dtype="float64
         v.fail(op, "d_model", "an even int", repr(d_model))
     b = v.real(op, "base", base, low=0.0, low_open=True)
     v.one_of(op, "dtype", dtype, tuple(DTYPES))
+    v.budget(op, "length" if n >= d else "d_model", max(n * d, n, d), "output [length, d_model]")
     pos = fl(np.arange(n))[:, None]
     inv_freq = fl(b) ** (-fl(np.arange(0, d, 2)) / fl(d))
     angle = pos * inv_freq
@@ -622,6 +644,9 @@ def _decoder_fwd(x, memory, weights, num_heads, memory_valid, norm_first, activa
     xx, (sa, ca), ffn, (n1, n2, n3), h, nf, e = _check_layer(
         op, x, weights, num_heads, norm_first, activation, eps, 2, 3)
     mem = v.floats(op, "memory", memory, shape=(xx.shape[0], None, xx.shape[2]))
+    v.positive_dims(op, "memory", mem, {1: "S"})
+    v.budget(op, "memory", xx.shape[0] * h * xx.shape[1] * mem.shape[1],
+             "cross-attention scores [B, h, T, S]")
     mv = v.mask(op, "memory_valid", memory_valid, shape=mem.shape[:2])
     t = xx.shape[1]
     y1, b1 = _sublayer_fwd(xx, _self_attention(sa, h, _causal(t, t)), n1, nf, e)

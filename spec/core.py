@@ -18,8 +18,9 @@ from ._precision import fl
 
 def _shifted(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """``(x − m, m)`` with ``m = max(x)`` along ``axis``, ``m`` replaced by 0 where it is
-    not finite (an all ``−inf`` slice then gives ``−inf − 0``, not ``−inf + inf``)."""
-    m = np.max(x, axis=axis, keepdims=True) if x.size else np.zeros_like(x)
+    not finite (an all ``−inf`` slice then gives ``−inf − 0``, not ``−inf + inf``; an empty
+    slice has ``m = −inf``, hence 0)."""
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0)
     return x - m, m
 
@@ -71,7 +72,8 @@ def logsumexp(x, axis=-1):
     """``logsumexp(x) = m + ln Σ_j exp(x_j − m)``, reduced over ``axis``.
 
     A slice that is all ``−inf`` gives ``−inf`` (CONTRACT §2); one holding ``+inf``
-    gives ``+inf``.
+    gives ``+inf``. An empty slice (``x.shape[axis] = 0``) gives ``−inf``, the log of the
+    empty sum; empty other axes give an empty result (so do softmax and log_softmax).
     """
     x = v.floats("logsumexp", "x", x, min_ndim=1)
     ax = v.axis("logsumexp", "axis", axis, x.ndim)

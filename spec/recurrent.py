@@ -360,8 +360,10 @@ def _scatter_rows(ids: np.ndarray, rows: np.ndarray, like: np.ndarray) -> np.nda
 def _check_window(context, E, W1, b1, W2, W3, b3):
     op = "window_lm"
     Ea = v.floats(op, "E", E, ndim=2)
+    v.positive_dims(op, "E", Ea, {0: "V", 1: "d"})
     V, d = Ea.shape
     ctx = v.ints(op, "context", context, ndim=2, low=0, high=V)
+    v.positive_dims(op, "context", ctx, {0: "B", 1: "n-1"})
     n1d = ctx.shape[1] * d
     W1a = v.floats(op, "W1", W1, ndim=2, shape=(None, n1d))
     Hd = W1a.shape[0]
@@ -387,6 +389,7 @@ def window_lm(context, E, W1, b1, W2, W3, b3):
     Bengio et al. (2003); seed 001 writes ``ŷ = softmax(W⁽²⁾ tanh(W⁽¹⁾x + b⁽¹⁾) + W⁽³⁾x + b⁽³⁾)``
     (the op returns the logits before the softmax). Shapes ``context[B,n−1]``, ``E[V,d]``,
     ``W1[Hd,(n−1)d]``, ``W2[V,Hd]``, ``W3[V,(n−1)d]``, ``b3[V]``; returns ``[B,V]``.
+    ``B``, ``n − 1``, ``V`` and ``d`` are at least 1 (an empty one is a ``ValueError``).
     """
     return _window_forward(*_check_window(context, E, W1, b1, W2, W3, b3))[2]
 
@@ -412,12 +415,15 @@ def _window_lm_vjp(cot, context, E, W1, b1, W2, W3, b3):
 def _check_lm(tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out, bptt_truncation):
     op = "rnn_lm_loss"
     Ea = v.floats(op, "E", E, ndim=2)
+    v.positive_dims(op, "E", Ea, {0: "V", 1: "I"})
     V, I = Ea.shape
     tok = v.ints(op, "tokens", tokens, ndim=2, low=0, high=V)
+    v.positive_dims(op, "tokens", tok, {0: "B"})
     B = tok.shape[0]
     if tok.shape[1] < 2:
         v.fail(op, "tokens", "shape [B, T+1] with T >= 1", f"shape {tok.shape}")
     h = v.floats(op, "h0", h0, ndim=2, shape=(B, None))
+    v.positive_dims(op, "h0", h, {1: "H"})
     H = h.shape[1]
     w = _check_cell_weights(op, (W_ih, W_hh, b_ih, b_hh), 1, I, H)
     Wo = v.floats(op, "W_out", W_out, shape=(V, H))
@@ -443,7 +449,8 @@ def rnn_lm_loss(tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out, bptt_trunca
     Seed 001 (``J = (1/T) Σ_t J_t``, ``J_t`` the cross-entropy of step ``t``) and seed 003
     (``J_t = −ln ŷ_t[x_{t+1}]``): a tanh Elman LM with teacher forcing, averaged over the
     batch too. ``bptt_truncation=k`` leaves the value unchanged and changes only the
-    gradient (see the vjp). ``tokens[B,T+1]``, ``T ≥ 1``.
+    gradient (see the vjp). ``tokens[B,T+1]``, ``T ≥ 1``; ``B``, ``V``, ``I`` and ``H`` are at
+    least 1 (an empty one is a ``ValueError``).
     """
     tok, Ea, h, w, Wo, bo, _ = _check_lm(tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out,
                                          bptt_truncation)
@@ -483,8 +490,10 @@ def _rnn_lm_loss_vjp(cot, tokens, E, h0, W_ih, W_hh, b_ih, b_hh, W_out, b_out,
 def _check_classifier(tokens, mask, labels, E, W, b, u):
     op = "text_classifier_loss"
     Ea = v.floats(op, "E", E, ndim=2)
+    v.positive_dims(op, "E", Ea, {0: "V", 1: "d"})
     V, d = Ea.shape
     tok = v.ints(op, "tokens", tokens, ndim=2, low=0, high=V)
+    v.positive_dims(op, "tokens", tok, {0: "B"})
     B, T = tok.shape
     m = v.mask(op, "mask", mask, shape=(B, T))
     m = np.ones((B, T), dtype=bool) if m is None else m
@@ -511,7 +520,8 @@ def text_classifier_loss(tokens, mask, labels, E, W, b, u):
 
     Seed 003 (averaged word vectors, ``h = f(Wx + b)``, ``s = uᵀh``, ``ŷ = σ(s)``, with
     ``f = tanh``); its loss has a sign typo, corrected here (module docstring).
-    ``mask=None`` means every token counts.
+    ``mask=None`` means every token counts. ``B``, ``V`` and ``d`` are at least 1 (an
+    empty one is a ``ValueError``); ``T = 0`` is allowed (every ``x̄`` is 0).
     """
     tok, m, y, Ea, Wa, ba, ua = _check_classifier(tokens, mask, labels, E, W, b, u)
     s = _classifier_forward(tok, m, Ea, Wa, ba, ua)[3]

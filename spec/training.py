@@ -226,6 +226,22 @@ def mlm_mask(tokens, select_u, action_u, random_tokens, mask_token_id, mask_prob
 
 # -- sampling ----------------------------------------------------------------------
 
+def _check_sample_logits(op: str, x: np.ndarray, temp: float) -> None:
+    """No NaN or ``+inf`` logit, at least one logit above ``−inf`` per row (``−inf`` = a
+    token that is never drawn), and every finite logit still finite after ``/ T``:
+    otherwise there is no distribution to sample from."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = np.isnan(x) | np.isposinf(x) | (np.isfinite(x) & ~np.isfinite(
+            x / (temp or 1.0)))
+    if bad.any():
+        v.fail(op, "logits", "no NaN or +inf, and finite after division by the temperature",
+               f"{x[bad].ravel()[0]} at index {np.argwhere(bad)[0].tolist()}")
+    empty = ~np.any(x > -np.inf, axis=1)
+    if empty.any():
+        v.fail(op, "logits", "at least one logit above -inf per row",
+               f"row {int(np.argmax(empty))} all -inf")
+
+
 def _check_sample(logits, u, temperature, top_k, top_p, min_p=0.0):
     op = "sample_token"
     x = v.floats(op, "logits", logits, ndim=2)
@@ -235,6 +251,7 @@ def _check_sample(logits, u, temperature, top_k, top_p, min_p=0.0):
     temp = v.real(op, "temperature", temperature, low=0.0)
     if not math.isfinite(temp):
         v.fail(op, "temperature", "a finite number >= 0", repr(temperature))
+    _check_sample_logits(op, x, temp)
     k = v.integer(op, "top_k", top_k, low=0)
     pp = v.real(op, "top_p", top_p, low=0.0, high=1.0)
     mp = v.real(op, "min_p", min_p, low=0.0, high=1.0)
@@ -296,6 +313,9 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     ``top_p = 1`` disables the nucleus filter; ``top_p = 0`` keeps one token. Then min-p
     (Nguyen et al. 2024): keep the tokens whose renormalised probability is ``≥ min_p ×``
     the largest and renormalise (``min_p ∈ [0, 1]``; 0 changes nothing).
+    Logits may hold ``−inf`` (a token never drawn) but not NaN or ``+inf``; each row needs
+    one logit above ``−inf``, and ``logits/T`` must not overflow (``ValueError``). ``B = 0``
+    gives an empty result.
     """
     x, uu, temp, k, pp, mp = _check_sample(logits, u, temperature, top_k, top_p, min_p)
     if temp == 0:
