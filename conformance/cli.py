@@ -288,6 +288,11 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="one side-by-side table of several reports")
     c.add_argument("reports", nargs="+", metavar="REPORT.json")
     c.set_defaults(func=cmd_compare)
+
+    from lmspec.conformance.vectors import configure_parser  # light: stdlib and NumPy
+
+    configure_parser(sub.add_parser("vectors", help="golden vectors: export inputs and "
+                                    "references; judge outputs computed elsewhere"))
     return p
 
 
