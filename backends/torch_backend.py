@@ -166,6 +166,13 @@ class TorchBackend:
             )
         else:
             info["device_name"] = platform.processor() or platform.machine()
+            info["build"] = {  # what explains last-digit differences between machines
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "mkl": torch.backends.mkl.is_available(),
+                "mkldnn": torch.backends.mkldnn.is_available(),
+                "openmp": torch.backends.openmp.is_available(),
+                "interop_threads": torch.get_num_interop_threads(),
+            }
         for fam in lmspec.FAMILIES:
             mod = importlib.import_module(f"lmspec.backends.torch_{fam}")
             notes = getattr(mod, "NOTES", None)

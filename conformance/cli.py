@@ -193,8 +193,9 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
     run_settings = {
         "profile": args.profile, "max_examples": settings.examples, "seed": args.seed,
         "ops": ops, "dtypes": args.dtype or sorted({t.dtype for t in todo}, key=list(DTYPES).index),
-        "checks": args.check or "all", "backends": [e.name for e in entries]}
-    print(f"lmspec {lmspec.__version__}: {len(todo)} checks on "
+        "checks": args.check or "all", "backends": [e.name for e in entries],
+        "plugins": list(args.plugin)}
+    print(f"lmspec {lmspec.__version__}: {terminal.plural(len(todo), 'check')} on "
           f"{', '.join(e.name for e in entries)} ({len(ops)} ops; profile {args.profile}, "
           f"{settings.examples} examples per check, seed {args.seed})", file=sys.stderr)
     journal = runner.Journal(report_dir, {"settings": run_settings, "backends": rows,
@@ -210,22 +211,61 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
         results, stopped = runner.execute(todo, cfg, args.jobs, on_result)
     finally:
         progress.close()
+    gpu = next((r["info"].get("device_name") for r in rows
+                if r["device"].startswith("cuda") and r.get("info")), None)
     rep = report.build(results, run_settings, rows, time.perf_counter() - t0,
-                       incomplete=stopped is not None)
+                       incomplete=stopped is not None, extra_env={"gpu": gpu})
     try:
-        jpath, mpath = report.write(rep, report_dir)
+        paths = report.write(rep, report_dir)
     except OSError as exc:
         journal.close(remove=False)
         print(f"lmspec: error: cannot write the report to {report_dir}: {exc}; the results are "
               f"kept in {journal.path}", file=sys.stderr)
         return EXIT_USAGE
     journal.close(remove=True)
-    terminal.summary(rep, results, [jpath, mpath])
+    args.written = paths[0]
+    terminal.summary(rep, results, list(paths))
     if stopped is not None:
         print(f"interrupted by {signal.Signals(stopped).name}: the report is marked incomplete",
               file=sys.stderr)
         return runner.EXIT_SIGNAL.get(stopped, 128 + int(stopped))
     return EXIT_FAIL if any(r["status"] in ("fail", "error") for r in results) else EXIT_OK
+
+
+# -- lmspec verify / replay ---------------------------------------------------------
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lmspec.conformance import citation
+
+    ok, lines = citation.summary_lines(args.reports)
+    print("\n".join(lines))
+    return EXIT_OK if ok else EXIT_FAIL
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from lmspec.conformance import citation, report
+
+    try:
+        old = report.load(args.report)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read report {args.report}: {exc}") from exc
+    ok, line = citation.verify(args.report)
+    print(line, file=sys.stderr)
+    out_dir = args.report_dir or tempfile.mkdtemp(prefix="lmspec-replay-")
+    run_args = parser().parse_args(citation.replay_args(old, out_dir) + ["--jobs",
+                                                                        str(args.jobs)])
+    code = cmd_run(run_args)
+    if not hasattr(run_args, "written"):
+        return code
+    diff = citation.differences(old, report.load(run_args.written))
+    if diff:
+        print(f"\n{len(diff)} verdict(s) differ from {args.report}:")
+        print("\n".join(diff))
+        return EXIT_FAIL
+    print(f"\nevery verdict of {args.report} holds here ({len(old['results'])} checks)")
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 # -- lmspec compare ----------------------------------------------------------------
@@ -239,7 +279,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
             reps.append((p, report.load(p)))
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read report {p}: {exc}") from exc
-    print(report.compare_table(reps), end="")
+    text, differing = report.compare_table(reps, "github" if args.markdown else "simple")
+    print(text, end="")
+    if args.html:
+        from pathlib import Path
+
+        from lmspec.conformance import html
+
+        report._atomic_write(Path(args.html), html.render_compare(reps))
+        print(f"written: {args.html}", file=sys.stderr)
+    return EXIT_FAIL if differing else EXIT_OK
+
+
+# -- lmspec report -----------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmspec.conformance import report
+
+    both = not (args.html or args.markdown)
+    try:
+        paths = report.regenerate(args.report, args.output, html=args.html or both,
+                                  md=args.markdown or both)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot regenerate from {args.report}: {exc}") from exc
+    print("written: " + ", ".join(map(str, paths)))
     return EXIT_OK
 
 
@@ -285,9 +348,31 @@ def parser() -> argparse.ArgumentParser:
     plugin_opt(r)
     r.set_defaults(func=cmd_run)
 
+    v = sub.add_parser("verify", help="recompute each report's id: intact or edited")
+    v.add_argument("reports", nargs="+", metavar="REPORT.json")
+    v.set_defaults(func=cmd_verify)
+
+    rp = sub.add_parser("replay", help="rerun a report's selection and settings here and "
+                                       "show where the verdicts differ")
+    rp.add_argument("report", metavar="REPORT.json")
+    rp.add_argument("--report-dir", default=None, metavar="DIR",
+                    help="where the new report goes (default: a temporary directory)")
+    rp.add_argument("--jobs", type=int, default=1, metavar="N")
+    rp.set_defaults(func=cmd_replay)
+
     c = sub.add_parser("compare", help="one side-by-side table of several reports")
     c.add_argument("reports", nargs="+", metavar="REPORT.json")
+    c.add_argument("--markdown", action="store_true", help="the tables in Markdown")
+    c.add_argument("--html", metavar="FILE", help="also write the comparison as HTML to FILE")
     c.set_defaults(func=cmd_compare)
+
+    g = sub.add_parser("report", help="write a JSON report's HTML and Markdown again")
+    g.add_argument("report", metavar="REPORT.json")
+    g.add_argument("--html", action="store_true", help="only the HTML")
+    g.add_argument("--markdown", action="store_true", help="only the Markdown")
+    g.add_argument("-o", "--output", metavar="DIR",
+                   help="where to write them (default: beside REPORT.json)")
+    g.set_defaults(func=cmd_report)
 
     from lmspec.conformance.vectors import configure_parser  # light: stdlib and NumPy
 

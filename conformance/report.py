@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,25 @@ SCHEMA = "lmspec-report/1"
 TIMING_KEYS = ("created", "duration_s")
 
 
+KERNEL_ENV_VARS = (
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "NPY_DISABLE_CPU_FEATURES",
+    "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_MAX_CPU_ISA", "XLA_FLAGS", "JAX_ENABLE_X64",
+    "JAX_DEFAULT_MATMUL_PRECISION", "NVIDIA_TF32_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG",
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "LMSPEC_TORCH_THREADS", "CUDA_VISIBLE_DEVICES")
+"""Environment variables that change which kernels run or how they round."""
+
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+              "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile",
+              "neon", "asimd", "sve", "sve2")
+
+
 def environment() -> dict[str, Any]:
+    """What a reader needs to explain a difference in the last digits: versions, the CPU
+    and the SIMD features NumPy dispatches on, the BLAS and its threads, and the
+    environment variables that select kernels. Backend-specific builds (torch's
+    MKL/oneDNN, its CPU capability, TF32 flags) are in each backend's ``info``.
+    Nothing here imports a backend's engine."""
     import hypothesis
     import numpy
 
@@ -38,20 +57,55 @@ def environment() -> dict[str, Any]:
         "hypothesis": hypothesis.__version__,
         "lmspec": lmspec.__version__,
         "cpu": _cpu_name(),
+        "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
-        "torch": None,
+        "torch": _installed("torch"),
         "gpu": None,
+        "numpy_simd": _numpy_simd(),
+        "blas": _blas(),
+        "env": {k: os.environ[k] for k in KERNEL_ENV_VARS if k in os.environ},
     }
-    try:
-        import torch
-
-        env["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-            env["cuda"] = torch.version.cuda
-    except Exception:  # noqa: BLE001 - the report is still useful without torch
-        pass
     return env
+
+
+def _installed(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _numpy_simd() -> dict[str, Any]:
+    import numpy
+
+    try:
+        simd = numpy.show_config(mode="dicts").get("SIMD Extensions", {})
+        return {"baseline": simd.get("baseline"), "found": simd.get("found")}
+    except Exception:  # noqa: BLE001 - older NumPy
+        return {}
+
+
+def _blas() -> list[dict[str, Any]]:
+    """The BLAS libraries loaded in this process, with their threads (threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    keep = ("internal_api", "version", "num_threads", "threading_layer", "architecture")
+    return [{k: i.get(k) for k in keep} for i in threadpool_info()]
 
 
 def _cpu_name() -> str:
@@ -89,7 +143,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def build(results: list[dict[str, Any]], settings: dict[str, Any], backends: list[dict[str, Any]],
-          duration_s: float, incomplete: bool = False) -> dict[str, Any]:
+          duration_s: float, incomplete: bool = False,
+          extra_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report of a run; ``backends`` are the backends that were run (CONTRACT §6,
     2026-11-29); ``incomplete`` marks a run stopped by a signal."""
     report: dict[str, Any] = {
@@ -98,7 +153,7 @@ def build(results: list[dict[str, Any]], settings: dict[str, Any], backends: lis
         "spec_version": lmspec.SPEC_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": round(duration_s, 3),
-        "environment": environment(),
+        "environment": {**environment(), **(extra_env or {})},
         "settings": settings,
         "backends": backends,
         "results": results,
@@ -140,13 +195,34 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write(report: dict[str, Any], directory: str | Path) -> tuple[Path, Path]:
-    """Write ``<run-id>.json`` and ``<run-id>.md`` into ``directory``."""
+def write(report: dict[str, Any], directory: str | Path) -> tuple[Path, Path, Path]:
+    """Write ``<run-id>.json``, ``<run-id>.md`` and ``<run-id>.html`` into ``directory``."""
+    from . import html
+
     base = Path(directory) / run_id(report)
-    jpath, mpath = base.with_suffix(".json"), base.with_suffix(".md")
+    jpath, mpath, hpath = (base.with_suffix(x) for x in (".json", ".md", ".html"))
     _atomic_write(jpath, json.dumps(report, indent=1, allow_nan=False) + "\n")
     _atomic_write(mpath, markdown(report))
-    return jpath, mpath
+    _atomic_write(hpath, html.render(report))
+    return jpath, mpath, hpath
+
+
+def regenerate(path: str | Path, directory: str | Path | None = None, html: bool = True,
+               md: bool = True) -> list[Path]:
+    """``lmspec report``: the HTML and/or Markdown of the JSON report at ``path``, written
+    beside it (or into ``directory``) under the same name."""
+    from . import html as html_mod
+
+    rep = load(path)
+    base = Path(directory or Path(path).parent) / Path(path).stem
+    out = []
+    if md:
+        out.append(base.with_suffix(".md"))
+        _atomic_write(out[-1], markdown(rep))
+    if html:
+        out.append(base.with_suffix(".html"))
+        _atomic_write(out[-1], html_mod.render(rep))
+    return out
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -160,48 +236,144 @@ def load(path: str | Path) -> dict[str, Any]:
 # -- tables ------------------------------------------------------------------------
 
 MARK = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "deviation": "deviation",
-        "unsupported": "unsupported", "skipped": "skipped"}
-SEVERITY = ("error", "fail", "deviation", "pass", "unsupported", "skipped")
+        "partial": "partial pass", "unsupported": "unsupported", "skipped": "skipped"}
+SEVERITY = ("error", "fail", "deviation", "partial", "unsupported", "skipped", "pass")
+"""Worst first. ``partial`` is a pass where fewer than ``harness.MIN_CHECKED_FRACTION`` of
+the drawn examples were checked; it is never shown as a plain pass."""
+
+CONVENTIONS = [
+    "Numbers are rounded to 3 significant digits; non-finite numbers are written `nan`, "
+    "`inf`, `-inf` (strings in the JSON).",
+    "`worst ratio` is the largest error divided by its tolerance over all examples of a "
+    "check (at most 1 passes); `tolerance` is the tolerance at that worst example "
+    "(`k` the reduction length, then the output it belongs to).",
+    "`checked` counts the examples the backend answered and the harness judged; "
+    "`unsupported` the examples the backend declined (`NotImplementedError`); `shrink "
+    "replays` the re-runs Hypothesis made while shrinking a failure (not counted as checked).",
+    "A `partial pass` checked fewer than half of the examples drawn; a check with none "
+    "checked is `unsupported`, never `pass`.",
+    "`max rel err` is `—` where the relative error is undefined (a reference element is 0 or "
+    "non-finite while the error is not); the verdict is the worst ratio.",
+]
+
+
+def label(r: dict[str, Any]) -> str:
+    """A result's verdict for people: its status, or ``partial`` for a partial pass."""
+    return "partial" if r["status"] == "pass" and r.get("partial") else r["status"]
+
+
+def status_text(r: dict[str, Any]) -> str:
+    """The verdict with its counts where it needs them (``partial pass (3 of 10 checked)``)."""
+    lab = label(r)
+    if lab == "partial":
+        drawn = r.get("examples", 0) + r.get("unsupported_examples", 0)
+        return f"partial pass ({r.get('examples', 0)} of {drawn} checked)"
+    return MARK[lab] if lab != "pass" else "pass"
 
 
 def cell(results: Sequence[dict[str, Any]]) -> str:
-    """One op × backend × dtype cell: the worst status, with the checks that had it."""
+    """One op × backend × dtype cell: ``pass`` only when every check passed outright;
+    otherwise each verdict other than pass, worst first, with its checks (omitted when
+    every check of the cell has it)."""
     if not results:
         return ""
-    worst = min((r["status"] for r in results), key=SEVERITY.index)
-    if worst == "pass":
-        return "pass"
-    bad = sorted({r["check"] for r in results if r["status"] == worst})
-    return f"{MARK[worst]} ({', '.join(bad)})"
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        groups.setdefault(label(r), []).append(r["check"])
+    if len(groups) == 1:
+        return MARK[next(iter(groups))]
+    return "; ".join(f"{MARK[lab]} ({', '.join(dict.fromkeys(groups[lab]))})"
+                     for lab in SEVERITY if lab in groups and lab != "pass")
+
+
+def worst_label(results: Sequence[dict[str, Any]]) -> str:
+    return min((label(r) for r in results), key=SEVERITY.index) if results else ""
+
+
+def columns(results: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((r["backend"], r["dtype"]) for r in results))
+
+
+def grid(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Results grouped by (op, backend, dtype), in report order."""
+    out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        out.setdefault((r["op"], r["backend"], r["dtype"]), []).append(r)
+    return out
 
 
 def comparison(results: Sequence[dict[str, Any]], label: str = "") -> tuple[list[str], list[list]]:
     """Rows: ops; columns: backend/dtype (prefixed by ``label`` when comparing reports)."""
-    cols = list(dict.fromkeys((r["backend"], r["dtype"]) for r in results))
+    cols, g = columns(results), grid(results)
     ops = list(dict.fromkeys(r["op"] for r in results))
     headers = ["op"] + [f"{label}{b} {d}" for b, d in cols]
-    rows = [[op] + [cell([r for r in results if r["op"] == op and (r["backend"], r["dtype"]) == c])
-                    for c in cols] for op in ops]
+    rows = [[op] + [cell(g.get((op, b, d), [])) for b, d in cols] for op in ops]
     return headers, rows
 
 
-def _num(x: Any) -> str:
+def num(x: Any) -> str:
+    """3 significant digits; non-finite values (strings in the JSON) as they are."""
+    if isinstance(x, bool) or x is None:
+        return "" if x is None else str(x)
     return f"{x:.3g}" if isinstance(x, (int, float)) else str(x)
 
 
-def markdown(report: dict[str, Any]) -> str:
+_num = num
+
+
+def rel_err(r: dict[str, Any]) -> str:
+    x = r.get("max_rel_err")
+    return "—" if isinstance(x, str) or (isinstance(x, float) and not math.isfinite(x)) else num(x)
+
+
+def tolerance_text(r: dict[str, Any]) -> str:
+    """The tolerance at the worst example: ``1.2e-05 (k=2, grad x)``."""
+    at = ((r.get("tolerance") or {}).get("at_worst")) or {}
+    if not at:
+        return ""
+    where = ", ".join(x for x in (f"k={at['k']}" if "k" in at else "", str(at.get("output", "")))
+                      if x)
+    return f"{num(at.get('value'))} ({where})" if where else num(at.get("value"))
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    t = " ".join(str(text or "").split())
+    return t if len(t) <= limit else t[:limit - 1] + "…"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
+    return (f"profile `{s.get('profile')}`, {s.get('max_examples')} examples per check, "
+            f"seed {s.get('seed')}")
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    partial = sum(1 for r in report["results"] if label(r) == "partial")
+    return ", ".join(f"{v} {k}" + (f" ({partial} partial)" if k == "pass" and partial else "")
+                     for k, v in report["summary"].items())
+
+
+INCOMPLETE = ("**Incomplete report**: the run was stopped before every check finished; "
+              "the checks it did not run are `skipped` (message `interrupted`).")
+
+
+def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    out = [f"# lmspec conformance report {report['report_id']}", "",
-           f"- spec version: {report['spec_version']} (lmspec {env.get('lmspec')})",
-           f"- created: {report['created']}, duration {report['duration_s']} s",
-           f"- settings: profile `{s.get('profile')}`, {s.get('max_examples')} examples per check, "
-           f"seed {s.get('seed')}",
-           f"- environment: Python {env.get('python')}, NumPy {env.get('numpy')}, torch "
-           f"{env.get('torch')}, Hypothesis {env.get('hypothesis')}; CPU {env.get('cpu')}; "
-           f"GPU {env.get('gpu') or 'none'}; {env.get('platform')}",
-           "- summary: " + ", ".join(f"{v} {k}" for k, v in report["summary"].items()), "",
-           "## Backends", ""]
+    out = [f"# lmspec conformance report {report['report_id']}", ""]
+    if report.get("incomplete"):
+        out += ["> " + INCOMPLETE, ""]
+    out += [f"- spec version: {report['spec_version']} (lmspec {env.get('lmspec')})",
+            f"- created: {report['created']}, duration {report['duration_s']} s",
+            f"- settings: {settings_line(report)}",
+            f"- environment: Python {env.get('python')}, NumPy {env.get('numpy')}, torch "
+            f"{env.get('torch')}, Hypothesis {env.get('hypothesis')}; CPU {env.get('cpu')}; "
+            f"GPU {env.get('gpu') or 'none'}; {env.get('platform')}",
+            "- summary: " + summary_text(report), "", "Conventions:", ""]
+    out += [f"- {c}" for c in CONVENTIONS] + ["", "## Backends", ""]
     out.append(tabulate([[b["name"], b["device"], ", ".join(b["dtypes"]), b.get("plugin", ""),
                           b["version"], b["status"]] for b in report["backends"]],
                         ["backend", "device", "dtypes", "plugin", "version", "status"],
@@ -211,16 +383,22 @@ def markdown(report: dict[str, Any]) -> str:
     out.append(tabulate(rows, headers, tablefmt="github") if rows else "(no results)")
     out += ["", "## Checks", ""]
     out.append(tabulate(
-        [[r["op"], r["backend"], r["dtype"], r["check"], r["status"], r["examples"],
-          _num(r["max_abs_err"]), _num(r["worst_ratio"])] for r in report["results"]],
-        ["op", "backend", "dtype", "check", "status", "examples", "max abs err", "worst ratio"],
-        tablefmt="github"))
+        [[r["op"], r["backend"], r["dtype"], r["check"], status_text(r), r["examples"],
+          r.get("unsupported_examples", ""), r.get("shrink_replays", ""),
+          num(r["max_abs_err"]), rel_err(r), num(r["worst_ratio"]), tolerance_text(r),
+          _md(one_line(r["message"]))] for r in report["results"]],
+        ["op", "backend", "dtype", "check", "status", "checked", "unsupported",
+         "shrink replays", "max abs err", "max rel err", "worst ratio", "tolerance", "message"],
+        tablefmt="github", disable_numparse=True))
     notable = [r for r in report["results"] if r["status"] in ("fail", "error", "deviation")]
     if notable:
         out += ["", "## Failures, errors and deviations", ""]
     for r in notable:
         out += [f"### {r['status']}: {r['backend']} {r['op']} {r['dtype']} {r['check']}", "",
                 r["message"], ""]
+        if tolerance_text(r):
+            out += [f"Tolerance at the worst example: {tolerance_text(r)}; worst ratio "
+                    f"{num(r['worst_ratio'])}.", ""]
         if r.get("deviation_reason"):
             out += [f"Documented reason: {r['deviation_reason']}", ""]
         if r.get("counterexample") is not None:
@@ -230,20 +408,134 @@ def markdown(report: dict[str, Any]) -> str:
                     "```", ""]
         if r.get("reproduce"):
             out += ["Replay:", "", "```sh", r["reproduce"], "```", ""]
-    out += ["", "## Tolerance policy", "",
-            "Per output array: `" + (report["results"][0]["tolerance"] or {}).get("policy", "")
-            + "`" if report["results"] and report["results"][0].get("tolerance") else "", ""]
+        if r.get("backend_output"):
+            out += ["Backend output:", "", "```text", r["backend_output"], "```", ""]
+    policy = next((r["tolerance"]["policy"] for r in report["results"]
+                   if r.get("tolerance") and r["tolerance"].get("policy")), "")
+    if policy:
+        out += ["", "## Tolerance policy", "", f"Per output array: `{policy}`", ""]
     return "\n".join(out) + "\n"
 
 
-def compare_table(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """Side-by-side table of several reports (``lmspec compare``)."""
-    results: list[dict[str, Any]] = []
-    for i, (_, rep) in enumerate(reports):
-        results += [dict(r, backend=f"[{i + 1}] {r['backend']}") for r in rep["results"]]
-    headers, rows = comparison(results)
-    legend = "\n".join(f"[{i + 1}] {name}: {rep['report_id']} ({rep['created']}, "
-                       f"{', '.join(f'{v} {k}' for k, v in rep['summary'].items() if v)})"
-                       for i, (name, rep) in enumerate(reports))
-    return legend + "\n\n" + tabulate(rows, headers, tablefmt="github") + "\n"
+# -- lmspec compare ----------------------------------------------------------------
 
+HEADER_FIELDS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("lmspec", lambda r: r["environment"].get("lmspec")),
+    ("spec version", lambda r: r.get("spec_version")),
+    ("profile", lambda r: r["settings"].get("profile")),
+    ("seed", lambda r: r["settings"].get("seed")),
+    ("examples per check", lambda r: r["settings"].get("max_examples")),
+    ("backends", lambda r: ", ".join(b["name"] for b in r.get("backends", []))),
+    ("CPU", lambda r: r["environment"].get("cpu")),
+    ("GPU", lambda r: r["environment"].get("gpu") or "none"),
+    ("torch", lambda r: r["environment"].get("torch")),
+    ("numpy", lambda r: r["environment"].get("numpy")),
+    ("hypothesis", lambda r: r["environment"].get("hypothesis")),
+    ("python", lambda r: r["environment"].get("python")),
+    ("platform", lambda r: r["environment"].get("platform")),
+    ("created", lambda r: r.get("created")),
+    ("incomplete", lambda r: "yes" if r.get("incomplete") else "no"),
+    ("summary", summary_text),
+)
+DIFF = "≠"
+
+
+def compare_header(reports: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[list]]:
+    """Rows: fields of the reports' settings and environment; a row whose values differ
+    starts with ``≠`` (``created`` and ``summary`` are shown, not compared)."""
+    rows = []
+    for name, get in HEADER_FIELDS:
+        vals = [str(get(rep)) for _, rep in reports]
+        differ = len(set(vals)) > 1 and name not in ("created", "summary")
+        rows.append([DIFF if differ else "", name, *vals])
+    return ["", "field"] + [f"[{i + 1}]" for i in range(len(reports))], rows
+
+
+def compare_results(reports: Sequence[tuple[str, dict[str, Any]]]
+                    ) -> tuple[list[str], list[list], int]:
+    """Rows: ops; columns: each dtype, then each report, then each of its backends. The
+    cells of an (op, dtype) whose verdicts on the checks they share disagree start with
+    ``≠``; the number of such (op, dtype) pairs is returned too."""
+    grids = [grid(rep["results"]) for _, rep in reports]
+    dtypes = list(dict.fromkeys(r["dtype"] for _, rep in reports for r in rep["results"]))
+    cols = [(dt, i, b) for dt in dtypes for i, (_, rep) in enumerate(reports)
+            for b in dict.fromkeys(r["backend"] for r in rep["results"] if r["dtype"] == dt)]
+    ops = list(dict.fromkeys(r["op"] for _, rep in reports for r in rep["results"]))
+    rows, differing = [], 0
+    for op in ops:
+        row: list[str] = [op]
+        for dt in dtypes:
+            members = [(i, b, grids[i].get((op, b, d), [])) for d, i, b in cols if d == dt]
+            verdicts = [{r["check"]: label(r) for r in rs} for _, _, rs in members if rs]
+            shared = set.intersection(*(set(v) for v in verdicts)) if verdicts else set()
+            differ = len({tuple(sorted((c, v[c]) for c in shared)) for v in verdicts}) > 1
+            differing += differ
+            row += [(f"{DIFF} " if differ and rs else "") + (cell(rs) if rs else "—")
+                    for _, _, rs in members]
+        rows.append(row)
+    headers = ["op"] + [f"[{i + 1}] {b} {dt}" for dt, i, b in cols]
+    return headers, rows, differing
+
+
+def compare_table(reports: Sequence[tuple[str, dict[str, Any]]], fmt: str = "simple"
+                  ) -> tuple[str, int]:
+    """``lmspec compare``: the reports' settings and environment side by side, then their
+    verdicts, differences marked ``≠``; also the number of (op, dtype) whose verdicts
+    differ (the command exits 1 when it is not 0)."""
+    legend = [f"[{i + 1}] {name}: {rep['report_id']}" for i, (name, rep) in enumerate(reports)]
+    hh, hrows = compare_header(reports)
+    rh, rrows, differing = compare_results(reports)
+    note = (f"{differing} (op, dtype) with differing verdicts (marked {DIFF})" if differing
+            else "the verdicts agree on every (op, dtype) the reports share")
+    if fmt == "github":
+        legend = [f"- {x}" for x in legend]
+    text = ("\n".join(legend) + "\n\n" + tabulate(hrows, hh, tablefmt=fmt) + "\n\n"
+            + tabulate(rrows, rh, tablefmt=fmt) + f"\n\n{note}\n")
+    return text, differing
+
+
+# -- counterexamples for people ------------------------------------------------------
+
+def _flat(x: Any) -> list[Any]:
+    if isinstance(x, list):
+        return [v for a in x for v in _flat(a)]
+    return [x]
+
+
+def _value(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def compact(x: Any, limit: int = 20) -> str:
+    """A JSON value of a report (a counterexample's part) on one line: an array as
+    ``float32[2, 3] [0.5, -1, …]`` with at most ``limit`` values (``… (N values)`` after)."""
+    if isinstance(x, dict) and "array" in x and "shape" in x:
+        flat = _flat(x["array"])
+        vals = ", ".join(_value(v) for v in flat[:limit])
+        more = f", … ({len(flat)} values)" if len(flat) > limit else ""
+        return f"{x.get('dtype')}{list(x['shape'])} [{vals}{more}]"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {compact(v, limit)}" for k, v in x.items()) + "}"
+    if isinstance(x, list):
+        return "(" + ", ".join(compact(v, limit) for v in x) + ")"
+    return _value(x)
+
+
+def counterexample_lines(r: dict[str, Any], limit: int = 20) -> list[str]:
+    """A result's shrunk counterexample, one argument per line (``name = value``)."""
+    ce = r.get("counterexample")
+    if not isinstance(ce, dict):
+        return []
+    op = lmspec.OPS.get(r["op"])
+    params = op.params if op is not None else ()
+    out = []
+    inp = ce.get("input")
+    if isinstance(inp, dict) and "args" in inp:
+        for i, a in enumerate(inp["args"]):
+            out.append(f"{params[i] if i < len(params) else f'args[{i}]'} = {compact(a, limit)}")
+        out += [f"{k} = {compact(v, limit)}" for k, v in (inp.get("kwargs") or {}).items()]
+    elif inp is not None:
+        out.append(f"input = {compact(inp, limit)}")
+    if ce.get("cotangent") is not None:
+        out.append(f"cotangent = {compact(ce['cotangent'], limit)}")
+    return out
