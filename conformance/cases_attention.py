@@ -22,8 +22,10 @@ import numpy as np
 from hypothesis import strategies as st
 
 import lmspec
+from lmspec._precision import UNIT_ROUNDOFF
 
 from . import draw as d
+from .conditioning import scalar_step
 from .declare import Call, Close, Holds, cases, prop
 
 # -- shared pieces ----------------------------------------------------------------------
@@ -593,8 +595,10 @@ def zero_mean_unit_variance(run, call: Call, dtype: str):
     dm = x.shape[-1]
     scale = _ln_scale(call)
     yield Close("mean(y) = 0", np.mean(y, axis=-1), np.zeros(var.shape), k=dm, scale=scale)
+    # ε as an engine holds it (float32, or the dtype) moves σ²/(σ²+ε) by σ²·δε/(σ²+ε)²
+    moved = var * scalar_step(eps, dtype, "eps") / (var + eps) ** 2 / UNIT_ROUNDOFF[dtype]
     yield Close("mean(y²) = σ²/(σ²+ε)", np.mean(y * y, axis=-1), var / (var + eps), k=dm,
-                scale=2 * math.sqrt(dm) * scale)
+                scale=max(2 * math.sqrt(dm) * scale, float(np.max(moved, initial=0.0))))
 
 
 @st.composite

@@ -37,6 +37,7 @@ from lmspec import training as tr
 from lmspec._precision import DTYPES, UNIT_ROUNDOFF
 
 from . import draw as d
+from .conditioning import pnorm_rounding
 from .declare import Call, Close, Holds, cases, prop
 from .tolerance import floor
 
@@ -416,8 +417,10 @@ def clipped_norm_at_most_max_norm(run, call: Call, dtype: str):
         return
     after = float(np.linalg.norm(_flat(clipped), ord=p))
     limit = call.kwargs["max_norm"]
+    # the literal S^fl(1/p), of the backend's norm and of this one (conformance.conditioning)
+    rho = pnorm_rounding(grads, p, dtype) + pnorm_rounding(clipped, p, "float64")
     yield Close("max(‖clipped‖ − max_norm, 0) = 0", max(after - limit, 0.0), 0.0,
-                k=_n_elements(call), scale=max(1.0, limit))
+                k=_n_elements(call), scale=max(1.0, limit) + limit * rho / UNIT_ROUNDOFF[dtype])
 
 
 @prop("clip_grad_norm")

@@ -19,13 +19,16 @@ least ``max|r̃ − r| / u`` over reference evaluations ``r̃`` on such perturbe
    log_softmax, layer_norm, attention scores), which a perturbation of constant sign
    along its axis leaves unmoved, is always measured in a direction it feels;
 3. **scalars**: every float keyword argument ``c`` (``eps``, ``scale``, ``temperature``,
-   ``norm_type``, ``base``, ``alpha``, …) moves by ``±δ_c`` with
-   ``δ_c = max(u·|c|, |c − fl₃₂(c)|, |c − fl_dtype(c)|)`` in every evaluation above:
-   an engine may hold it in float32 or in the dtype under test whatever that dtype is
-   (``eps = 1e-5`` is subnormal in float16). A perturbation that leaves the op's domain
+   ``norm_type``, ``base``, ``alpha``, …) moves by ``±δ_c`` in every evaluation above,
+   ``δ_c = max(u·|c|, |c − fl_dtype(c)|)`` (``eps = 1e-5`` is subnormal in float16),
+   and at least ``|c − fl₃₂(c)|`` for the hyperparameters engines hold as float32
+   attributes whatever the dtype (:data:`FLOAT32_ATTRIBUTES`: ``eps``, ``scale``,
+   ``base``, ``temperature``, ``softcap``). A perturbation that leaves the op's domain
    (``alpha = 1 + u``) is retried with the scalars unmoved;
-4. **constants of the literal formula** that the reference avoids by a smarter
-   algorithm are declared per op in :data:`LITERAL` (one entry: the exponent ``1/p`` of
+4. **constants of the literal formula**: a hyperparameter left at a default that
+   stands for a computed value (``scale = None`` is ``1/√E``) is made explicit and moved
+   like the others (:data:`IMPLICIT`); a constant that the reference avoids by a smarter
+   algorithm is declared per op in :data:`LITERAL` (one entry: the exponent ``1/p`` of
    the p-norm, see :func:`_clip_literal`).
 
 The cotangent of a vjp check is perturbed like an input. Signs are seeded by the bytes
@@ -119,19 +122,29 @@ def checkerboard(shape: tuple[int, ...]) -> np.ndarray:
     return 1.0 - 2.0 * (np.indices(shape).sum(axis=0) % 2)
 
 
-def scalar_step(c: float, dtype: str) -> float:
-    """``δ_c = max(u·|c|, |c − fl₃₂(c)|, |c − fl_dtype(c)|)``: how far a hyperparameter
-    may sit from ``c`` inside an engine that holds it in float32 or in the dtype under
-    test, or that rounds it there."""
+FLOAT32_ATTRIBUTES = frozenset({"eps", "scale", "base", "temperature", "softcap"})
+"""Hyperparameters that engines keep as float32 attributes whatever the compute dtype
+(ONNX attributes are float32; so are many modules' ``eps``): in a float64 check they
+may sit ``|c − fl₃₂(c)|`` from ``c``. Other float keywords (``max_norm``, ``alpha``,
+``label_smoothing``, ``norm_type``, the n-gram ``k`` and ``discount``) are data passed
+in the working precision."""
+
+
+def scalar_step(c: float, dtype: str, name: str = "eps") -> float:
+    """``δ_c = max(u·|c|, |c − fl_dtype(c)|, |c − fl₃₂(c)|)``, the last only for the
+    :data:`FLOAT32_ATTRIBUTES`: how far a hyperparameter may sit from ``c`` inside an
+    engine that rounds it to the dtype under test (``eps = 1e-5`` is subnormal in
+    float16) or holds it as a float32 attribute."""
     c = float(c)
     with np.errstate(over="ignore"):
-        reps = [float(np.float32(c)), float(np.asarray(c).astype(DTYPES[dtype]))]
+        reps = [float(np.asarray(c).astype(DTYPES[dtype]))]
+        reps += [float(np.float32(c))] if name in FLOAT32_ATTRIBUTES else []
     dist = [abs(c - r) if math.isfinite(r) else 0.0 for r in reps]
     return max(UNIT_ROUNDOFF[dtype] * abs(c), *dist)
 
 
 def _shift_scalars(kw: dict[str, Any], dtype: str, sign: float) -> dict[str, Any]:
-    return {k: float(c) + sign * scalar_step(c, dtype) if _is_float_scalar(c) else c
+    return {k: float(c) + sign * scalar_step(c, dtype, k) if _is_float_scalar(c) else c
             for k, c in kw.items()}
 
 
@@ -163,6 +176,15 @@ def _log_power_sum(arrays: tuple[np.ndarray, ...], p: float) -> list[float]:
     return [x for x in parts if x is not None]
 
 
+def pnorm_rounding(arrays: tuple[np.ndarray, ...], p: float, dtype: str) -> float:
+    """``ρ = |1/p − fl(1/p)|·(|ln S| + max_i |ln S_i|)``: the relative error of the literal
+    ``S^fl(1/p)`` over all arrays together (``S = Σ|g|^p``), or over per-array norms
+    (``S_i`` of each array) and then their norm (see :func:`_clip_literal`)."""
+    delta = exponent_error(p, dtype)
+    logs = _log_power_sum(arrays, p) if delta else []
+    return delta * (abs(logs[0]) + max(abs(x) for x in logs[1:])) if logs else 0.0
+
+
 def _clip_literal(call: Call, dtype: str, kw: dict[str, Any]) -> list[Any]:
     """``clip_grad_norm`` as the literal ``(Σ|g|^p)^(1/p)`` computes it: the exponent is
     ``fl(1/p)``, so ``S^fl(1/p) = ‖g‖·S^(fl(1/p) − 1/p)``, a relative error
@@ -172,13 +194,9 @@ def _clip_literal(call: Call, dtype: str, kw: dict[str, Any]) -> list[Any]:
     per-array sums ``S_i`` add their own: ``ρ = δ·(|ln S| + max_i |ln S_i|)``. The
     evaluations are the reference with the total norm off by ``±ρ`` relatively, and the
     gradients clipped by a threshold off by ``∓ρ`` (the same coefficient change)."""
-    grads = call.args[0]
-    p = float(kw.get("norm_type", 2.0))
-    delta = exponent_error(p, dtype)
-    logs = _log_power_sum(tuple(grads), p) if delta else []
-    if not logs:
+    rho = pnorm_rounding(tuple(call.args[0]), float(kw.get("norm_type", 2.0)), dtype)
+    if not rho:
         return []
-    rho = delta * (abs(logs[0]) + max(abs(x) for x in logs[1:]))
     ref = lmspec.OPS["clip_grad_norm"].reference
     _, total = ref(*call.args, **kw)
     out = []
@@ -187,6 +205,20 @@ def _clip_literal(call: Call, dtype: str, kw: dict[str, Any]) -> list[Any]:
         out.append(_as_result((clipped, total * (1 + sign * rho))))
     return out
 
+
+def _sdpa_default_scale(call: Call) -> dict[str, float]:
+    """``scale = None`` means ``1/√E``, a constant an engine rounds (to float32, say)."""
+    if call.kwargs.get("scale") is not None:
+        return {}
+    e = np.shape(call.args[0])[-1] if np.ndim(call.args[0]) else 0
+    return {"scale": 1.0 / math.sqrt(e)} if e else {}
+
+
+IMPLICIT: dict[str, Callable[[Call], dict[str, float]]] = {
+    "scaled_dot_product_attention": _sdpa_default_scale,
+}
+"""Per op: float hyperparameters the literal formula uses when a keyword is left at its
+default (``None``), made explicit so that the scalar perturbation moves them too."""
 
 LITERAL: dict[str, Callable[[Call, str, dict[str, Any]], list[Any]]] = {
     "clip_grad_norm": _clip_literal,
@@ -221,6 +253,7 @@ def _shaker(model: Callable[[np.ndarray, float, np.ndarray], np.ndarray], u: flo
 
 def _kwargs(op: str, call: Call) -> dict[str, Any]:
     kw = dict(call.kwargs)
+    kw.update(IMPLICIT[op](call) if op in IMPLICIT else {})
     if "dtype" in lmspec.OPS[op].params:
         kw["dtype"] = "float64"
     return kw
