@@ -9,16 +9,20 @@ formulas evaluated in the dtype under test (the *baseline*):
 ``u`` is the unit roundoff of the dtype (fp64 2⁻⁵³, fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸),
 ``k`` the op's reduction length and ``M`` the magnitude of the result as conditioned
 by its inputs: the largest of ``max|r|``, an op-declared input-derived scale, and the
-*measured* sensitivity ``max|r̃ − r| / u`` where ``r̃`` is the reference on the inputs
-perturbed by ``±u·max|input array|`` each (normwise; 1 when all are 0). The last makes the floor
+*measured* sensitivity ``max|r̃ − r| / u`` over the reference evaluations ``r̃`` of
+:mod:`lmspec.conformance.conditioning` (1 when all are 0): the data a backward-stable
+implementation of the literal formula effectively computes with — inputs perturbed
+normwise (``±u·max|x|``) and componentwise (``x·(1 ± u)``, random and checkerboard
+signs), float hyperparameters at their dtype or float32 representation, and constants
+of the literal formula (the p-norm's ``fl(1/p)``) rounded. The last makes the floor
 follow the op's conditioning wherever it is (cancellation to an exact 0, long
-recurrences, normalisation of near-constant rows) — the error any backward-stable
-implementation makes — without a hand-derived bound per op. The first term is
-FlashAttention's gate: a backend may be at most ``C_BASE`` times less accurate than
-the textbook formula run in the same precision. The second is a rounding-error bound
-for a length-``k`` reduction with random-walk growth. NaN and ±inf must match position
-for position, except that a finite reference beyond the dtype's largest value may be
-answered with the ±inf it rounds to. ``worst_ratio`` = error / tolerance (≤ 1 passes).
+recurrences, normalisation of near-constant rows) without a hand-derived bound per op.
+The first term is FlashAttention's gate: a backend may be at most ``C_BASE`` times less
+accurate than the textbook formula run in the same precision. The second is a
+rounding-error bound for a length-``k`` reduction with random-walk growth. NaN and
+±inf must match position for position, except that a finite reference beyond the
+dtype's largest value may be answered with the ±inf it rounds to. ``worst_ratio`` =
+error / tolerance (≤ 1 passes).
 """
 
 from __future__ import annotations
@@ -34,20 +38,9 @@ C_BASE = 2.0
 C_FLOOR = 4.0
 POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
           "(baseline = spec evaluated in the dtype under test; M = max(max|r|, declared scale, "
-          "max|r(x ± u·max|x|) - r|/u); NaN/inf positions must match)")
-
-
-def perturb(x: np.ndarray, dtype: str, rng: np.random.Generator, sign: float = 1.0) -> np.ndarray:
-    """``x ± u·max|x|`` elementwise in float64, signs drawn from ``rng``: the normwise
-    backward-error model of reductions and matrix products, whose rounding errors are
-    relative to the size of the whole vector, not of each element (so an exact 0 next
-    to a large entry moves too, and a symmetry the exact inputs have is broken as
-    rounding inside a backend breaks it)."""
-    a = np.asarray(x, dtype=np.float64)
-    fin = np.isfinite(a)
-    size = float(np.abs(a[fin]).max(initial=0.0))
-    signs = sign * rng.choice(np.array([-1.0, 1.0]), size=a.shape)
-    return np.where(fin, a + signs * UNIT_ROUNDOFF[dtype] * size, a)
+          "max|r(x̃) - r|/u), x̃ = inputs perturbed normwise ± u·max|x| and componentwise "
+          "x·(1 ± u), float hyperparameters at their dtype/float32 rounding, literal "
+          "constants such as fl(1/p) rounded; NaN/inf positions must match)")
 
 
 def floor(dtype: str, k: int, scale: float) -> float:
@@ -84,10 +77,10 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
             perturbed: object | None = None) -> Verdict:
     """Compare ``got`` with the reference ``ref`` under the policy above.
 
-    ``perturbed`` is the reference evaluated on the inputs perturbed by ``±u·max|x|``
-    each (see :func:`perturb`), or a list of such evaluations: the largest distance
-    from ``ref``, divided by ``u``, is the measured conditioning of this output, and
-    ``M`` is at least that.
+    ``perturbed`` is the reference evaluated on perturbed inputs (see
+    :mod:`lmspec.conformance.conditioning`), or a list of such evaluations: the largest
+    distance from ``ref``, divided by ``u``, is the measured conditioning of this output,
+    and ``M`` is at least that.
     """
     g = np.asarray(got, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
