@@ -1,0 +1,380 @@
+"""The report as one self-contained HTML page: no network, inline CSS, SVG figures.
+
+The page shows the header (report id, settings, environment, an ``incomplete`` flag),
+the op × backend × dtype matrix coloured by verdict and worst ratio, every failure with
+its shrunk counterexample and replay command, the checks that were not fully checked,
+and for every (op, backend, dtype) one figure of the per-example error/tolerance
+distribution (``ratio_distribution`` of each check; log scale, pass line at 1).
+
+The figures are drawn by matplotlib (Agg, SVG, text kept as text). All panels of a
+figure share one invisible axes and a few collections, so that a report of several
+hundred checks renders in seconds: matplotlib's cost is in axes and ticks, not in
+rectangles.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from . import report as rp
+
+COLOURS = {"pass": "#cfeccf", "partial": "#f7d79b", "deviation": "#c8d6f5",
+           "fail": "#f39a9a", "error": "#c9302c", "unsupported": "#e2e2e2",
+           "skipped": "#f3f3f3"}
+"""Cell colour of each verdict (a pass is further shaded by its worst ratio)."""
+BAR = {"pass": "#3b8f4f", "partial": "#c98a12", "deviation": "#4c6fc4", "fail": "#c62828",
+       "error": "#7b1010", "unsupported": "#999999", "skipped": "#999999"}
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em auto;
+max-width:1400px;padding:0 1em;color:#1b1b1b}
+h1{font-size:1.45em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+code,pre{font:12.5px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+pre{background:#f6f6f6;padding:.6em .8em;overflow-x:auto;white-space:pre-wrap;
+word-break:break-all}
+table{border-collapse:collapse;margin:.5em 0}
+th,td{border:1px solid #d4d4d4;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f2f2f2}
+table.matrix td{text-align:center;font-size:12.5px;min-width:6.5em}
+table.matrix td a{color:inherit;text-decoration:none;display:block}
+table.matrix td.op,table.checks td{text-align:left}
+table.checks td,table.checks th{font-size:12.5px}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.banner{background:#fff3cd;border:1px solid #e0c46c;padding:.6em .9em;margin:.8em 0}
+.legend span{display:inline-block;padding:1px 8px;margin:2px 4px 2px 0;border:1px solid #ccc}
+.fig{display:inline-block;margin:4px 14px 10px 0;vertical-align:top}
+.fig svg{display:block;height:auto;max-width:100%}
+.fig .cap{font-size:12.5px;color:#444}
+.fail-box{border-left:4px solid #c62828;padding:.1em .9em;margin:1em 0;background:#fffafa}
+.dev-box{border-left:4px solid #4c6fc4;padding:.1em .9em;margin:1em 0;background:#f8faff}
+.diff{outline:3px solid #d81b60;outline-offset:-3px;font-weight:600}
+dl.meta{display:grid;grid-template-columns:max-content auto;gap:2px 14px}
+dl.meta dt{color:#555}dl.meta dd{margin:0}
+"""
+
+
+def _e(x: Any) -> str:
+    return escape("" if x is None else str(x))
+
+
+def _mix(a: str, b: str, t: float) -> str:
+    ca = [int(a[i:i + 2], 16) for i in (1, 3, 5)]
+    cb = [int(b[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb))
+
+
+def _ratio(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def worst_ratio(results: Sequence[dict[str, Any]]) -> float:
+    vals = [_ratio(r.get("worst_ratio")) for r in results if r["status"] != "unsupported"]
+    vals = [v for v in vals if not math.isnan(v)]
+    return max(vals) if vals else math.nan
+
+
+def cell_colour(results: Sequence[dict[str, Any]]) -> str:
+    """The verdict's colour; a pass goes from pale green (ratio ≤ 0.01) to yellow (1)."""
+    lab = rp.worst_label(results)
+    if lab != "pass":
+        return COLOURS.get(lab, "#ffffff")
+    w = worst_ratio(results)
+    t = 0.0 if not w > 0 else min(1.0, max(0.0, (math.log10(w) + 2) / 2))
+    return _mix("#d7f0d7", "#f2ec9b", t)
+
+
+def anchor(*parts: str) -> str:
+    return "x-" + re.sub(r"[^A-Za-z0-9_-]+", "-", "-".join(parts))
+
+
+# -- figures -----------------------------------------------------------------------
+
+_LO, _HI = -7.0, 2.0  # panel x range (log10 ratio): the "below" bin, 1e-6 … 10, "above"
+_GAP = 1.4
+
+
+def _figure_svg(results: Sequence[dict[str, Any]], salt: str) -> str:
+    """One figure of small panels, one per check that has a ratio distribution. Drawn
+    straight on the figure (no axes: matplotlib's cost is in axes and ticks)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+    from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import Affine2D
+
+    panels = [r for r in results if r.get("ratio_distribution")]
+    width, n = _HI - _LO, len(panels)
+    fig = Figure(figsize=(0.2 + 1.75 * n, 1.35))
+    # data: x in log10 units, panel i shifted by i * (width + gap); y in [0, 1] = share
+    span = n * (width + _GAP) - _GAP + 0.4
+    to_fig = Affine2D().translate(0.2 - _LO, 0).scale(1 / span, 0.55).translate(0, 0.24)
+    tr = to_fig + fig.transFigure
+    rects, faces, lines, styles, colours = [], [], [], [], []
+    texts: list[tuple[float, float, str, str, float, str]] = []
+    for i, r in enumerate(panels):
+        d, x0, lab = r["ratio_distribution"], i * (width + _GAP), rp.label(r)
+        total = max(1, sum(d["counts"]) + d["below"] + d["above"])
+        edges = d["edges_log10"]
+        bins = [(_LO, _LO + 0.5, d["below"], "#9e9e9e")]
+        bins += [(edges[j], edges[j + 1], c, "#e57373" if edges[j] >= 0 else BAR["pass"])
+                 for j, c in enumerate(d["counts"])]
+        bins.append((_HI - 0.5, _HI, d["above"], "#c62828"))
+        for a, b, c, col in bins:
+            if c:
+                h = c / total
+                rects.append([(x0 + a, 0), (x0 + b, 0), (x0 + b, h), (x0 + a, h)])
+                faces.append(col)
+        worst = _ratio(r.get("worst_ratio"))
+        if worst > 0:
+            wx = x0 + min(_HI - 0.25, max(_LO + 0.25, math.log10(worst)
+                                          if worst < math.inf else _HI))
+            rects.append([(wx - 0.3, 1.12), (wx + 0.3, 1.12), (wx, 1.0)])
+            faces.append(BAR.get(lab, "#555555"))
+        lines += [[(x0 + _LO, 0), (x0 + _HI, 0)], [(x0, 0), (x0, 1.1)]]
+        styles += ["solid", (0, (3, 2))]
+        colours += ["#888888", "#c62828"]
+        title = r["check"] if len(r["check"]) <= 26 else r["check"][:25] + "…"
+        mid = x0 + (_LO + _HI) / 2
+        texts += [(mid, 1.2, title, "bottom", 7, "#222" if lab == "pass" else BAR[lab]),
+                  (mid, -0.22, f"max {rp.num(r.get('worst_ratio'))} · n={total}", "top", 6,
+                   "#444")]
+        texts += [(x0 + x, -0.03, s, "top", 5.5, "#666")
+                  for x, s in ((_LO + 0.25, "<1e-6"), (-3, "1e-3"), (0, "1"), (_HI - 0.25, ">10"))]
+    fig.add_artist(PolyCollection(rects, facecolors=faces, edgecolors="none", transform=tr))
+    fig.add_artist(LineCollection(lines, colors=colours, linestyles=styles, linewidths=0.8,
+                                  transform=tr))
+    for x, y, s, va, size, col in texts:
+        fig.text(x, y, s, ha="center", va=va, fontsize=size, color=col, transform=tr)
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt,
+                                "font.family": "sans-serif"}):
+        FigureCanvasSVG(fig).print_svg(buf, metadata={"Date": None, "Creator": None})
+    return _inline(buf.getvalue(), salt)
+
+
+def _inline(svg: str, salt: str) -> str:
+    """The SVG element alone, with ids unique in the page (prefixed with ``salt``) and the
+    ids nothing refers to dropped."""
+    svg = svg[svg.index("<svg"):]
+    used = set(re.findall(r"url\(#([^)]+)\)|href=\"#([^\"]+)\"", svg))
+    used_ids = {a or b for a, b in used}
+    svg = re.sub(r' id="([^"]+)"',
+                 lambda m: f' id="{salt}{m.group(1)}"' if m.group(1) in used_ids else "", svg)
+    svg = re.sub(r"(url\(#|href=\"#)", lambda m: m.group(1) + salt, svg)
+    return re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+
+
+def figures(report: dict[str, Any]) -> dict[tuple[str, str, str], str]:
+    """One SVG per (op, backend, dtype) that has at least one ratio distribution."""
+    out = {}
+    for i, (key, rs) in enumerate(rp.grid(report["results"]).items()):
+        if any(r.get("ratio_distribution") for r in rs):
+            out[key] = _figure_svg(rs, f"f{i}-")
+    return out
+
+
+# -- page parts --------------------------------------------------------------------
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(c if isinstance(c, Markup) else f"<td>{_e(c)}</td>"
+                                    for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class Markup(str):
+    """A table cell already written as HTML (``<td>…</td>``)."""
+
+
+def _matrix_cell(rs: Sequence[dict[str, Any]], op: str, b: str, d: str, diff: bool = False,
+                 link: bool = True) -> Markup:
+    if not rs:
+        return Markup("<td>—</td>")
+    lab = rp.worst_label(rs)
+    w = worst_ratio(rs)
+    text = rp.MARK[lab] if lab != "pass" else "pass"
+    sub = f"<br><small>ratio {rp.num(w)}</small>" if not math.isnan(w) and lab not in (
+        "unsupported", "skipped") else ""
+    tip = "\n".join(f"{r['check']}: {rp.status_text(r)}, worst ratio {rp.num(r['worst_ratio'])}"
+                    f", {r.get('examples', 0)} checked" for r in rs)
+    colour = cell_colour(rs)
+    fg = "#fff" if lab == "error" else "#111"
+    inner = f"{_e(text)}{sub}"
+    if link:
+        inner = f'<a href="#{anchor(op, b, d)}">{inner}</a>'
+    cls = ' class="diff"' if diff else ""
+    return Markup(f'<td{cls} style="background:{colour};color:{fg}" title="{_e(tip)}">'
+                  f"{inner}</td>")
+
+
+def matrix(report: dict[str, Any]) -> str:
+    g = rp.grid(report["results"])
+    cols = rp.columns(report["results"])
+    ops = list(dict.fromkeys(r["op"] for r in report["results"]))
+    rows = [[Markup(f'<td class="op"><a href="#{anchor(op)}">{_e(op)}</a></td>')]
+            + [_matrix_cell(g.get((op, b, d), []), op, b, d) for b, d in cols] for op in ops]
+    return _table(["op"] + [f"{b} {d}" for b, d in cols], rows, "matrix")
+
+
+def legend() -> str:
+    items = [("pass (ratio ≤ 0.01)", _mix("#d7f0d7", "#f2ec9b", 0)),
+             ("pass (ratio near 1)", _mix("#d7f0d7", "#f2ec9b", 1))]
+    items += [(rp.MARK[k], COLOURS[k]) for k in ("partial", "deviation", "fail", "error",
+                                                  "unsupported", "skipped")]
+    return '<p class="legend">' + "".join(
+        f'<span style="background:{c};color:{"#fff" if c == COLOURS["error"] else "#111"}">'
+        f"{_e(t)}</span>" for t, c in items) + "</p>"
+
+
+def _meta(report: dict[str, Any]) -> str:
+    env, s = report["environment"], report["settings"]
+    pairs = [("report id", report["report_id"]), ("spec version", report["spec_version"]),
+             ("lmspec", env.get("lmspec")), ("created", report["created"]),
+             ("duration", f"{report['duration_s']} s"),
+             ("settings", f"profile {s.get('profile')}, {s.get('max_examples')} examples per "
+                          f"check, seed {s.get('seed')}, checks {s.get('checks', 'all')}"),
+             ("summary", rp.summary_text(report)),
+             ("CPU", f"{env.get('cpu')} ({env.get('cpu_count')} cores)"),
+             ("GPU", env.get("gpu") or "none"),
+             ("versions", f"Python {env.get('python')}, NumPy {env.get('numpy')}, torch "
+                          f"{env.get('torch')}, Hypothesis {env.get('hypothesis')}"),
+             ("platform", env.get("platform"))]
+    return '<dl class="meta">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>"
+                                         for k, v in pairs) + "</dl>"
+
+
+def _failure(r: dict[str, Any]) -> str:
+    cls = "dev-box" if r["status"] == "deviation" else "fail-box"
+    out = [f'<div class="{cls}" id="{anchor("f", r["op"], r["backend"], r["dtype"], r["check"])}">',
+           f"<h3>{_e(r['status'])}: {_e(r['backend'])} {_e(r['op'])} {_e(r['dtype'])} "
+           f"{_e(r['check'])}</h3>", f"<p>{_e(r['message'])}</p>"]
+    if rp.tolerance_text(r):
+        out.append(f"<p>Tolerance at the worst example: {_e(rp.tolerance_text(r))}; worst ratio "
+                   f"{_e(rp.num(r['worst_ratio']))}.</p>")
+    if r.get("deviation_reason"):
+        out.append(f"<p>Documented reason: {_e(r['deviation_reason'])}</p>")
+    lines = rp.counterexample_lines(r)
+    if lines:
+        out.append("<p>Counterexample (shrunk):</p><pre>" + _e("\n".join(lines)) + "</pre>")
+        full = json.dumps(r["counterexample"], separators=(",", ":"))
+        if len(full) > 20000:
+            full = full[:20000] + " …(truncated; full in the JSON report)"
+        out.append(f"<details><summary>as JSON</summary><pre>{_e(full)}</pre></details>")
+    if r.get("reproduce"):
+        out.append(f"<p>Replay:</p><pre><code>{_e(r['reproduce'])}</code></pre>")
+    if r.get("backend_output"):
+        out.append(f"<p>Backend output:</p><pre>{_e(r['backend_output'])}</pre>")
+    return "\n".join(out + ["</div>"])
+
+
+def _checks_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    def n(x: Any) -> Markup:
+        return Markup(f'<td class="num">{_e(x)}</td>')
+
+    return [[r["op"], r["backend"], r["dtype"], r["check"], rp.status_text(r),
+             n(r.get("examples", 0)), n(r.get("unsupported_examples", "")),
+             n(r.get("shrink_replays", "")), n(rp.num(r["max_abs_err"])), n(rp.rel_err(r)),
+             n(rp.num(r["worst_ratio"])), rp.tolerance_text(r), rp.one_line(r["message"], 300)]
+            for r in results]
+
+
+CHECK_HEADERS = ["op", "backend", "dtype", "check", "status", "checked", "unsupported",
+                 "shrink replays", "max abs err", "max rel err", "worst ratio", "tolerance",
+                 "message"]
+
+
+def _page(title: str, body: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as one self-contained HTML page."""
+    results = report["results"]
+    body = [f"<h1>lmspec conformance report</h1><p><code>{_e(report['report_id'])}</code></p>"]
+    if report.get("incomplete"):
+        body.append(f'<div class="banner">{_e(rp.INCOMPLETE.replace("**", "").replace("`", ""))}'
+                    "</div>")
+    body += [_meta(report), "<h2>Backends</h2>",
+             _table(["backend", "device", "dtypes", "plugin", "version", "status"],
+                    [[b["name"], b["device"], ", ".join(b["dtypes"]), b.get("plugin", ""),
+                      b["version"], b["status"]] for b in report["backends"]]),
+             "<h2>Results (op × backend × dtype)</h2>", legend(),
+             "<p>Each cell is the worst verdict of the op's checks on that backend and dtype, "
+             "with the largest worst ratio (error / tolerance; at most 1 passes). Hover for "
+             "the checks; click for their error distribution.</p>",
+             matrix(report) if results else "<p>(no results)</p>"]
+    bad = [r for r in results if r["status"] in ("fail", "error", "deviation")]
+    if bad:
+        body.append("<h2>Failures, errors and deviations</h2>")
+        body += [_failure(r) for r in bad]
+    thin = [r for r in results if rp.label(r) in ("partial", "unsupported", "skipped")]
+    if thin:
+        body += ["<h2>Not fully checked</h2><p>Partial passes, unsupported and skipped "
+                 "checks (never counted as a plain pass).</p>",
+                 _table(CHECK_HEADERS, _checks_rows(thin), "checks")]
+    body += ["<h2>Error / tolerance per example</h2>",
+             "<p>One figure per op, backend and dtype; one panel per check: the share of "
+             "examples whose worst error/tolerance ratio falls in each bin (log scale from "
+             "1e-6 to 10; the grey bar at the left holds ratios below 1e-6, zeros included; "
+             "the red bar at the right those over 10). The dashed red line is the pass line "
+             "(ratio 1); ▼ marks the check's worst ratio.</p>"]
+    figs = figures(report)
+    current = None
+    for (op, b, d), svg in figs.items():
+        if op != current:
+            body.append(f'<h3 id="{anchor(op)}">{_e(op)}</h3>')
+            current = op
+        body.append(f'<div class="fig" id="{anchor(op, b, d)}"><div class="cap">{_e(b)} '
+                    f"{_e(d)}</div>{svg}</div>")
+    body += ["<h2>All checks</h2>", "<details><summary>"
+             f"{len(results)} checks</summary>", _table(CHECK_HEADERS, _checks_rows(results),
+                                                         "checks"), "</details>",
+             "<h2>Conventions</h2><ul>"
+             + "".join(f"<li>{_e(c.replace('`', ''))}</li>" for c in rp.CONVENTIONS) + "</ul>"]
+    policy = next((r["tolerance"]["policy"] for r in results
+                   if r.get("tolerance") and r["tolerance"].get("policy")), "")
+    if policy:
+        body.append(f"<h2>Tolerance policy</h2><p>Per output array: <code>{_e(policy)}</code></p>")
+    return _page(f"lmspec report {report['report_id'][:19]}", body)
+
+
+def render_compare(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """``lmspec compare --html``: the header table and the verdict table, differences
+    outlined."""
+    hh, hrows = rp.compare_header(reports)
+    rh, rrows, differing = rp.compare_results(reports)
+    body = ["<h1>lmspec report comparison</h1><ul>"
+            + "".join(f"<li>[{i + 1}] {_e(name)}: <code>{_e(rep['report_id'])}</code>"
+                      + (" <b>(incomplete)</b>" if rep.get("incomplete") else "") + "</li>"
+                      for i, (name, rep) in enumerate(reports)) + "</ul>",
+            "<h2>Settings and environment</h2>",
+            _table(hh[1:], [[Markup(f'<td{" class=diff" if row[0] else ""}>{_e(v)}</td>')
+                             for v in row[1:]] for row in hrows]),
+            "<h2>Verdicts</h2>",
+            f"<p>{differing} (op, dtype) with differing verdicts (outlined).</p>" if differing
+            else "<p>The verdicts agree on every (op, dtype) the reports share.</p>", legend()]
+    grids = [rp.grid(rep["results"]) for _, rep in reports]
+    cols = [h.split(" ", 2) for h in rh[1:]]  # "[i] backend dtype"
+    rows = []
+    for row in rrows:
+        op, out = row[0], [Markup(f'<td class="op">{_e(row[0])}</td>')]
+        for (idx, b, d), text in zip(cols, row[1:]):
+            rs = grids[int(idx.strip("[]")) - 1].get((op, b, d), [])
+            out.append(_matrix_cell(rs, op, b, d, diff=text.startswith(rp.DIFF), link=False))
+        rows.append(out)
+    body.append(_table(rh, rows, "matrix"))
+    return _page("lmspec report comparison", body)
