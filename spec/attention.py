@@ -43,46 +43,59 @@ _MHA_PARAMS = ("W_q", "W_k", "W_v", "b_q", "b_k", "b_v", "W_o", "b_o")
 # -- building blocks -------------------------------------------------------------------
 
 
-def _masked_softmax(e: np.ndarray, allow: np.ndarray | None) -> np.ndarray:
+def _masked_softmax(e: np.ndarray, allow: np.ndarray | None,
+                    overwrite: bool = False) -> np.ndarray:
     """``p_j = allow_j · exp(e_j − m) / Σ_k allow_k · exp(e_k − m)`` over the last axis.
 
     ``m`` is the maximum over the *allowed* scores only (so extreme masked-out scores
-    cannot underflow the allowed ones). A row with nothing allowed gives ``p = 0``.
+    cannot underflow the allowed ones; ``m = 0`` when it is not finite). A row with nothing
+    allowed gives ``p = 0``. Masked scores become ``−∞`` before the maximum, so their
+    ``exp(−∞ − m)`` is exactly 0. Evaluated in place in one buffer (``e`` itself when
+    ``overwrite``): maximum, subtract, exponentiate, sum, divide.
     """
-    if allow is None:
-        allow = np.ones(e.shape[-1:], dtype=bool)
-    s = np.where(allow, e, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0)
-    z = np.where(allow, np.exp(s - m), 0)
+    z = e if allow is None else np.where(allow, e, -np.inf)
+    m = np.max(z, axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0
+    z = np.subtract(z, m, out=z if overwrite or allow is not None else None)
+    np.exp(z, out=z)
     total = np.sum(z, axis=-1, keepdims=True)
-    return z / np.where(total > 0, total, 1)
+    total[~(total > 0)] = 1
+    z /= total
+    return z
 
 
-def _softmax_pullback(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
+def _softmax_pullback(p: np.ndarray, dp: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """``∂L/∂e = p ⊙ (∂L/∂p − Σ_j p_j ∂L/∂p_j)``; zero where ``p`` is (masked keys, and
-    rows with nothing allowed, whose weights are the constant 0)."""
-    return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    rows with nothing allowed, whose weights are the constant 0). In place in ``dp`` when
+    ``overwrite``."""
+    rowsum = np.sum(dp * p, axis=-1, keepdims=True)
+    d = np.subtract(dp, rowsum, out=dp if overwrite else None)
+    d *= p
+    return d
 
 
-def _attend_fwd(e: np.ndarray, allow: np.ndarray | None, values: np.ndarray):
+def _attend_fwd(e: np.ndarray, allow: np.ndarray | None, values: np.ndarray,
+                overwrite: bool = False):
     """``p = masked_softmax(e)``, ``out = p @ values`` for scores ``e[..., L, S]`` and
-    ``values[..., S, Ev]``. Pullback: ``(∂out, ∂p) -> (∂e, ∂values)``."""
-    p = _masked_softmax(e, allow)
+    ``values[..., S, Ev]`` (``e`` may be overwritten when ``overwrite``). Pullback:
+    ``(∂out, ∂p) -> (∂e, ∂values)``."""
+    p = _masked_softmax(e, allow, overwrite)
     out = p @ values
 
     def back(d_out, d_p=None):
         dp = d_out @ np.swapaxes(values, -1, -2)
         if d_p is not None:
-            dp = dp + d_p
-        return _softmax_pullback(p, dp), np.swapaxes(p, -1, -2) @ d_out
+            dp += d_p
+        return _softmax_pullback(p, dp, overwrite=True), np.swapaxes(p, -1, -2) @ d_out
 
     return (out, p), back
 
 
 def _linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None):
     """``y = x Wᵀ + b``. Pullback: ``∂y -> (∂x = ∂y W, ∂W = Σ ∂yᵀ x, ∂b = Σ ∂y)``."""
-    y = x @ W.T if b is None else x @ W.T + b
+    y = x @ W.T
+    if b is not None:
+        y += b
 
     def back(dy):
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -106,12 +119,16 @@ def _sdpa_fwd(q, k, v_, allow, scale: float):
     """``O = softmax_masked(scale · Q Kᵀ) V``. Pullback ``∂O -> (∂Q, ∂K, ∂V)`` with
     ``∂V = Pᵀ ∂O``, ``∂S = P ⊙ (∂O Vᵀ − rowsum)``, ``∂Q = scale·∂S K``,
     ``∂K = scale·∂Sᵀ Q``."""
-    s = (q @ np.swapaxes(k, -1, -2)) * scale
-    (out, _), attend_back = _attend_fwd(s, allow, v_)
+    s = q @ np.swapaxes(k, -1, -2)
+    s *= scale
+    (out, _), attend_back = _attend_fwd(s, allow, v_, overwrite=True)
 
     def back(d_out):
         ds, dv = attend_back(d_out)
-        return (ds @ k) * scale, (np.swapaxes(ds, -1, -2) @ q) * scale, dv
+        dq, dk = ds @ k, np.swapaxes(ds, -1, -2) @ q
+        dq *= scale
+        dk *= scale
+        return dq, dk, dv
 
     return out, back
 
@@ -167,7 +184,9 @@ def _layer_norm_fwd(x, gamma, beta, eps: float):
               - xhat * np.mean(g * xhat, axis=-1, keepdims=True)) / sigma
         return dx, np.sum(dy * xhat, axis=lead), np.sum(dy, axis=lead)
 
-    return xhat * gamma + beta, back
+    y = xhat * gamma
+    y += beta
+    return y, back
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -236,7 +255,9 @@ def _self_attention(params, h: int, allow) -> Block:
 
         def b(d):
             dq, dk, dv, grads = back(d)
-            return dq + dk + dv, grads
+            dq += dk
+            dq += dv
+            return dq, grads
 
         return out, b
 
