@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import fnmatch
 import json
 import os
@@ -95,6 +96,11 @@ def catalogue_markdown() -> str:
 
 # -- lmspec run --------------------------------------------------------------------
 
+def _did_you_mean(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def _select_ops(globs: Sequence[str]) -> list[str]:
     if not globs:
         return list(lmspec.OPS)
@@ -102,8 +108,8 @@ def _select_ops(globs: Sequence[str]) -> list[str]:
     for g in globs:
         hit = [o for o in lmspec.OPS if fnmatch.fnmatchcase(o, g)]
         if not hit:
-            raise UsageError(f"--op {g!r} matches no op; the catalogue has: "
-                             + ", ".join(lmspec.OPS))
+            raise UsageError(f"--op {g!r} matches no op{_did_you_mean(g, list(lmspec.OPS))}; "
+                             "the catalogue has: " + ", ".join(lmspec.OPS))
         ops += [o for o in hit if o not in ops]
     return [o for o in lmspec.OPS if o in ops]
 
@@ -124,13 +130,25 @@ def _select_backends(table: Any, names: Sequence[str]) -> list[Any]:
     for n in names:
         e = table.get(n)
         if e is None:
-            known = ", ".join(x.name for x in table.entries) or "none"
-            raise UsageError(f"--backend {n!r} is not registered (known: {known})")
+            names_known = [x.name for x in table.entries]
+            raise UsageError(f"--backend {n!r} is not registered"
+                             f"{_did_you_mean(n, names_known)} (known: "
+                             f"{', '.join(names_known) or 'none'})")
         table.check([e])
         if not e.ok:
             raise UsageError(f"backend {n!r} cannot run here: {e.status}")
         chosen.append(e)
     return chosen
+
+
+CHECKS_PER_WORKER = 24
+"""``--jobs N`` is an upper bound: a worker is started per this many checks at most,
+since starting one (a pytest-xdist worker and its backend host) costs about as much as
+running that many checks; so parallelism never makes a small run slower."""
+
+
+def effective_jobs(asked: int, checks: int) -> int:
+    return max(1, min(asked, checks // CHECKS_PER_WORKER))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,18 +157,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     for d in args.dtype or ():
         if d not in DTYPES:
-            raise UsageError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}")
+            raise UsageError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}"
+                             f"{_did_you_mean(d, list(DTYPES))}")
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError("--max-examples must be at least 1")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    shard = None
+    if args.shard:
+        from lmspec.conformance.shards import parse_shard
+
+        try:
+            shard = parse_shard(args.shard)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if not args.timeout > 0:
         raise UsageError("--timeout must be a positive number of seconds")
     ops = _select_ops(args.op)
     known_checks = {c for op in ops for c in harness.checks_of(op)}
     for c in args.check or ():
         if c not in known_checks:
-            raise UsageError(f"--check {c!r} is not a check of the selected ops "
+            raise UsageError(f"--check {c!r} is not a check of the selected ops"
+                             f"{_did_you_mean(c, sorted(known_checks))} "
                              f"(known: {', '.join(sorted(known_checks))})")
     try:
         report_dir = runner.check_report_dir(args.report_dir)
@@ -159,14 +187,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                          f"{exc.strerror or exc}") from None
     table = _table(args, args.backend)
     try:
-        return _run(args, table, ops, report_dir, harness, report, runner, HOSTS)
+        return _run(args, table, ops, report_dir, harness, report, runner, HOSTS, shard)
     finally:
         HOSTS.clear()
         table.close()
 
 
 def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, harness: Any,
-         report: Any, runner: Any, hosts: dict[Any, Any]) -> int:
+         report: Any, runner: Any, hosts: dict[Any, Any],
+         shard: tuple[int, int] | None = None) -> int:
     from lmspec.conformance import terminal
 
     for e in table.entries:
@@ -174,9 +203,19 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
             print(f"warning: plugin {e.source.label}: {e.status}", file=sys.stderr)
     entries = _select_backends(table, args.backend)
     backends = [e.backend() for e in entries]
-    todo = harness.targets(backends, ops, args.dtype, args.check)
-    if not todo:
-        raise UsageError("the selection is empty (do the backends declare the --dtype asked?)")
+    everything = harness.targets(backends, ops, args.dtype, args.check)
+    if not everything:
+        declared = "; ".join(f"{e.name}: {', '.join(e.dtypes) or 'none'}" for e in entries)
+        raise UsageError(f"the selection is empty: no selected backend declares "
+                         f"{', '.join(args.dtype or ['any dtype'])} (declared: {declared})")
+    todo = everything
+    if shard is not None:
+        from lmspec.conformance.shards import shard as take_shard
+
+        todo = take_shard(everything, *shard)
+        if not todo:
+            raise UsageError(f"shard {args.shard} of {len(everything)} checks is empty")
+    jobs = effective_jobs(args.jobs, len(todo))
     replay: list[str] = []
     for e in entries:
         if e.source.kind in ("--plugin", "LMSPEC_PLUGINS"):
@@ -187,17 +226,23 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
            "ops": ops, "dtypes": args.dtype, "checks": args.check, "profile": args.profile,
            "max_examples": args.max_examples, "seed": args.seed, "timeout": args.timeout,
            "replay_args": replay, "targets": [t.id for t in todo]}
-    if args.jobs == 1:  # this process is the judge: lend it the hosts already started
+    if jobs == 1:  # this process is the judge: lend it the hosts already started
         hosts.update({(e.source.kind, e.source.target): e.host for e in entries})
     rows = [e.row() for e in entries]
     run_settings = {
         "profile": args.profile, "max_examples": settings.examples, "seed": args.seed,
-        "ops": ops, "dtypes": args.dtype or sorted({t.dtype for t in todo}, key=list(DTYPES).index),
+        "ops": ops,
+        "dtypes": args.dtype or sorted({t.dtype for t in everything}, key=list(DTYPES).index),
         "checks": args.check or "all", "backends": [e.name for e in entries],
         "plugins": list(args.plugin)}
+    if shard is not None:
+        run_settings["shard"] = args.shard
     print(f"lmspec {lmspec.__version__}: {terminal.plural(len(todo), 'check')} on "
           f"{', '.join(e.name for e in entries)} ({len(ops)} ops; profile {args.profile}, "
-          f"{settings.examples} examples per check, seed {args.seed})", file=sys.stderr)
+          f"{settings.examples} examples per check, seed {args.seed}"
+          + (f", shard {args.shard}" if shard else "")
+          + (f"; {jobs} worker{'s' if jobs > 1 else ''}" if args.jobs > 1 else "") + ")",
+          file=sys.stderr)
     journal = runner.Journal(report_dir, {"settings": run_settings, "backends": rows,
                                           "targets": [t.id for t in todo]})
     progress = terminal.Progress(len(todo))
@@ -208,7 +253,7 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
 
     t0 = time.perf_counter()
     try:
-        results, stopped = runner.execute(todo, cfg, args.jobs, on_result)
+        results, stopped = runner.execute(todo, cfg, jobs, on_result)
     finally:
         progress.close()
     gpu = next((r["info"].get("device_name") for r in rows
@@ -268,6 +313,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lmspec.conformance import report, shards
+
+    reps = []
+    for p in args.reports:
+        try:
+            reps.append(report.load(p))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read report {p}: {exc}") from exc
+    try:
+        results, settings, rows, env = shards.merge(reps)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    rep = report.build(results, settings, rows, sum(r.get("duration_s", 0.0) for r in reps),
+                       incomplete=any(r.get("incomplete") for r in reps))
+    rep["environment"] = env
+    rep["report_id"] = report.report_id(rep)
+    try:
+        paths = report.write(rep, args.output)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {args.output}: {exc}") from None
+    s = rep["summary"]
+    print(", ".join(f"{v} {k}" for k, v in s.items()) + f" — report {rep['report_id']}")
+    print("written: " + " and ".join(map(str, paths)))
+    return EXIT_FAIL if s["fail"] or s["error"] else EXIT_OK
+
+
 # -- lmspec compare ----------------------------------------------------------------
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -308,57 +380,104 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # -- entry point -------------------------------------------------------------------
 
+EXIT_CODES = """exit status:
+  0    everything conforms (documented deviations allowed)
+  1    at least one check is fail or error (compare/replay: verdicts differ;
+       verify: a report is edited)
+  2    bad usage or configuration (unknown backend, op, dtype, check; an unusable
+       --report-dir; a backend that cannot run here)
+  130  stopped by SIGINT, 143 by SIGTERM (the report is written, marked incomplete)
+  141  the reader of the output went away (a closed pipe)"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (where it has a meaningful one) and the exit
+    codes kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, [], False, argparse.SUPPRESS) and (
+                "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmspec", description=lmspec.__doc__.split("\n\n")[0])
+    fmt = _Help
+    p = argparse.ArgumentParser(prog="lmspec", description=lmspec.__doc__.split("\n\n")[0],
+                                epilog=EXIT_CODES, formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"lmspec {lmspec.__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=fmt, epilog=EXIT_CODES, **kw)
 
     def plugin_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--plugin", action="append", default=[], metavar="MOD",
-                        help="also load this plugin module (repeatable)")
+                        help="also load this plugin module (repeatable); it must be importable "
+                             "by the backend process, e.g. with PYTHONPATH=.")
 
-    b = sub.add_parser("backends", help="list every backend and its status")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="limit on loading a plugin and on its available() (default: 30)")
+    def timeout_opt(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help=what)
+
+    b = command("backends", "list every backend and its status")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    timeout_opt(b, "limit on loading a plugin and on its available()")
     plugin_opt(b)
     b.set_defaults(func=cmd_backends)
 
-    o = sub.add_parser("ops", help="list the op catalogue")
-    o.add_argument("--json", action="store_true")
+    o = command("ops", "list the op catalogue")
+    o.add_argument("--json", action="store_true", help="machine-readable output")
     o.add_argument("--markdown", action="store_true", help="the catalogue as a Markdown table")
     plugin_opt(o)
     o.set_defaults(func=cmd_ops)
 
-    r = sub.add_parser("run", help="run the conformance suite and write a report")
-    r.add_argument("--backend", action="append", default=[], metavar="NAME")
-    r.add_argument("--op", action="append", default=[], metavar="GLOB")
-    r.add_argument("--dtype", action="append", default=None, metavar="D")
+    r = command("run", "run the conformance suite and write a report")
+    r.add_argument("--backend", action="append", default=[], metavar="NAME",
+                   help="backend to check (repeatable; default: every available backend)")
+    r.add_argument("--op", action="append", default=[], metavar="GLOB",
+                   help="ops to check, shell-style patterns (repeatable; default: all)")
+    r.add_argument("--dtype", action="append", default=None, metavar="D",
+                   help="float16, bfloat16, float32 or float64 (repeatable; default: every "
+                        "dtype each backend declares)")
     r.add_argument("--check", action="append", default=None, metavar="CHECK",
                    help="only this check: forward, vjp or a property name (repeatable)")
-    r.add_argument("--profile", choices=["quick", "default", "thorough"], default="default")
-    r.add_argument("--max-examples", type=int, default=None, metavar="N")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--report-dir", default="reports", metavar="DIR")
+    r.add_argument("--profile", choices=["quick", "default", "thorough"], default="default",
+                   help="examples per check: quick 20, default 100, thorough 1000")
+    r.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="examples per check, overriding the profile")
+    r.add_argument("--seed", type=int, default=0, help="seed of the example search")
+    r.add_argument("--report-dir", default="reports", metavar="DIR",
+                   help="where the .json, .md and .html reports go (created if missing)")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="parallel workers (pytest-xdist)")
-    r.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="limit on one backend call; a call that overstays has its backend "
-                        "process killed and the check becomes an error (default: 30)")
+                   help="at most N parallel workers (pytest-xdist); lmspec starts one per "
+                        f"{CHECKS_PER_WORKER} checks at most, so a small run stays serial")
+    r.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only the K-th of N interleaved shares of the checks; "
+                        "`lmspec merge` combines the shard reports")
+    timeout_opt(r, "limit on one backend call; a call that overstays has its backend process "
+                   "killed and the check becomes an error")
     plugin_opt(r)
     r.set_defaults(func=cmd_run)
 
-    v = sub.add_parser("verify", help="recompute each report's id: intact or edited")
+    v = command("verify", "recompute each report's id: intact or edited")
     v.add_argument("reports", nargs="+", metavar="REPORT.json")
     v.set_defaults(func=cmd_verify)
 
-    rp = sub.add_parser("replay", help="rerun a report's selection and settings here and "
-                                       "show where the verdicts differ")
+    rp = command("replay", "rerun a report's selection and settings here and show where "
+                           "the verdicts differ")
     rp.add_argument("report", metavar="REPORT.json")
     rp.add_argument("--report-dir", default=None, metavar="DIR",
                     help="where the new report goes (default: a temporary directory)")
-    rp.add_argument("--jobs", type=int, default=1, metavar="N")
+    rp.add_argument("--jobs", type=int, default=1, metavar="N", help="as for run")
     rp.set_defaults(func=cmd_replay)
+
+    m = command("merge", "combine shard reports (or reports of different backends) into one")
+    m.add_argument("reports", nargs="+", metavar="REPORT.json")
+    m.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="directory for the merged report")
+    m.set_defaults(func=cmd_merge)
 
     c = sub.add_parser("compare", help="one side-by-side table of several reports")
     c.add_argument("reports", nargs="+", metavar="REPORT.json")
