@@ -238,7 +238,8 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
     if shard is not None:
         run_settings["shard"] = args.shard
     print(f"lmspec {lmspec.__version__}: {terminal.plural(len(todo), 'check')} on "
-          f"{', '.join(e.name for e in entries)} ({len(ops)} ops; profile {args.profile}, "
+          f"{', '.join(e.name for e in entries)} ({terminal.plural(len(ops), 'op')}; "
+          f"profile {args.profile}, "
           f"{settings.examples} examples per check, seed {args.seed}"
           + (f", shard {args.shard}" if shard else "")
           + (f"; {jobs} worker{'s' if jobs > 1 else ''}" if args.jobs > 1 else "") + ")",
