@@ -27,7 +27,9 @@ Where the seeds disagree the catalogue chooses as follows.
   The catalogue uses the Bernoulli negative log-likelihood
   ``J = −[y ln ŷ + (1 − y) ln(1 − ŷ)]``, evaluated stably as ``softplus(s) − y s``.
 
-Sequence ops need at least one time step (``T ≥ 1``); ``T = 0`` is a ``ValueError``.
+Sequence ops need at least one time step (``T ≥ 1``), and every cell and sequence op a
+batch row (``B ≥ 1``) and a hidden unit (``H ≥ 1``); an empty one is a ``ValueError``.
+(``I = 0``, an input of no features, is allowed: the input projection is then 0.)
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ def _check_cell_weights(op: str, w: Sequence[Any], gates: int, in_size: int, H: 
 
 def _check_cell(op: str, cell: _Cell, x, states: Sequence[tuple[str, Any]], w):
     xa = v.floats(op, "x", x, ndim=2)
+    v.positive_dims(op, "x", xa, {0: "B"})
     B = xa.shape[0]
     first = v.floats(op, states[0][0], states[0][1], ndim=2, shape=(B, None))
+    v.positive_dims(op, states[0][0], first, {1: "H"})
     H = first.shape[1]
     st = (first,) + tuple(v.floats(op, nm, s, shape=(B, H)) for nm, s in states[1:])
     return xa, st, _check_cell_weights(op, w, cell.gates, xa.shape[1], H)
@@ -116,7 +120,9 @@ def _check_seq(op: str, cell: _Cell, x, states: Sequence[tuple[str, Any]], weigh
     B, T, I = xa.shape
     if T < 1:
         v.fail(op, "x", "at least one time step (T >= 1)", f"shape {xa.shape}")
+    v.positive_dims(op, "x", xa, {0: "B"})
     first = v.floats(op, states[0][0], states[0][1], ndim=3, shape=(L * D, B, None))
+    v.positive_dims(op, states[0][0], first, {2: "H"})
     H = first.shape[2]
     st = (first,) + tuple(v.floats(op, nm, s, shape=(L * D, B, H)) for nm, s in states[1:])
     if not isinstance(weights, (tuple, list)) or len(weights) != 4 * L * D:
