@@ -77,7 +77,8 @@ def _ratio(x: Any) -> float:
 
 
 def worst_ratio(results: Sequence[dict[str, Any]]) -> float:
-    vals = [_ratio(r.get("worst_ratio")) for r in results if r["status"] != "unsupported"]
+    vals = [_ratio(r.get("worst_ratio")) for r in results
+            if ((r.get("tolerance") or {}).get("at_worst") or r["status"] == "fail")]
     vals = [v for v in vals if not math.isnan(v)]
     return max(vals) if vals else math.nan
 
@@ -115,10 +116,10 @@ def _figure_svg(results: Sequence[dict[str, Any]], salt: str) -> str:
 
     panels = [r for r in results if r.get("ratio_distribution")]
     width, n = _HI - _LO, len(panels)
-    fig = Figure(figsize=(0.2 + 1.75 * n, 1.35))
+    fig = Figure(figsize=(0.3 + 1.75 * n, 1.35))
     # data: x in log10 units, panel i shifted by i * (width + gap); y in [0, 1] = share
-    span = n * (width + _GAP) - _GAP + 0.4
-    to_fig = Affine2D().translate(0.2 - _LO, 0).scale(1 / span, 0.55).translate(0, 0.24)
+    span = n * (width + _GAP) - _GAP + 1.6
+    to_fig = Affine2D().translate(0.8 - _LO, 0).scale(1 / span, 0.55).translate(0, 0.24)
     tr = to_fig + fig.transFigure
     rects, faces, lines, styles, colours = [], [], [], [], []
     texts: list[tuple[float, float, str, str, float, str]] = []
@@ -223,7 +224,8 @@ def matrix(report: dict[str, Any]) -> str:
     cols = rp.columns(report["results"])
     ops = list(dict.fromkeys(r["op"] for r in report["results"]))
     rows = [[Markup(f'<td class="op"><a href="#{anchor(op)}">{_e(op)}</a></td>')]
-            + [_matrix_cell(g.get((op, b, d), []), op, b, d) for b, d in cols] for op in ops]
+            + [_matrix_cell(rs, op, b, d, link=any(r.get("ratio_distribution") for r in rs))
+               for rs, b, d in ((g.get((op, b, d), []), b, d) for b, d in cols)] for op in ops]
     return _table(["op"] + [f"{b} {d}" for b, d in cols], rows, "matrix")
 
 
@@ -289,6 +291,17 @@ def _checks_rows(results: Sequence[dict[str, Any]]) -> list[list[Any]]:
             for r in results]
 
 
+def not_checked(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Partial, unsupported and skipped checks folded by (backend, op, verdict, reason)."""
+    groups: dict[tuple[str, str, str, str], dict[str, list[str]]] = {}
+    for r in results:
+        if rp.label(r) in ("partial", "unsupported", "skipped"):
+            key = (r["backend"], r["op"], rp.status_text(r), rp.one_line(r["message"], 300))
+            groups.setdefault(key, {}).setdefault(r["dtype"], []).append(r["check"])
+    return [[b, op, verdict, "; ".join(f"{d}: {', '.join(c)}" for d, c in by.items()), msg]
+            for (b, op, verdict, msg), by in groups.items()]
+
+
 CHECK_HEADERS = ["op", "backend", "dtype", "check", "status", "checked", "unsupported",
                  "shrink replays", "max abs err", "max rel err", "worst ratio", "tolerance",
                  "message"]
@@ -321,11 +334,13 @@ def render(report: dict[str, Any]) -> str:
     if bad:
         body.append("<h2>Failures, errors and deviations</h2>")
         body += [_failure(r) for r in bad]
-    thin = [r for r in results if rp.label(r) in ("partial", "unsupported", "skipped")]
+    thin = not_checked(results)
     if thin:
         body += ["<h2>Not fully checked</h2><p>Partial passes, unsupported and skipped "
-                 "checks (never counted as a plain pass).</p>",
-                 _table(CHECK_HEADERS, _checks_rows(thin), "checks")]
+                 "checks (never counted as a plain pass), one row per backend, op, verdict "
+                 "and reason.</p>",
+                 _table(["backend", "op", "verdict", "checks (dtype: checks)", "reason"], thin,
+                        "checks")]
     body += ["<h2>Error / tolerance per example</h2>",
              "<p>One figure per op, backend and dtype; one panel per check: the share of "
              "examples whose worst error/tolerance ratio falls in each bin (log scale from "
