@@ -369,12 +369,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from lmspec.conformance import report
 
+    if (args.report is None) == (args.journal is None):
+        raise UsageError("give either REPORT.json or --journal FILE")
     both = not (args.html or args.markdown)
     try:
-        paths = report.regenerate(args.report, args.output, html=args.html or both,
-                                  md=args.markdown or both)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot regenerate from {args.report}: {exc}") from exc
+        if args.journal:
+            from pathlib import Path
+
+            rep = report.from_journal(args.journal)
+            paths = report.write(rep, args.output or Path(args.journal).parent)
+        else:
+            paths = report.regenerate(args.report, args.output, html=args.html or both,
+                                      md=args.markdown or both)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"cannot write a report from {args.report or args.journal}: "
+                         f"{exc}") from exc
     print("written: " + ", ".join(map(str, paths)))
     return EXIT_OK
 
@@ -487,7 +496,10 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     g = sub.add_parser("report", help="write a JSON report's HTML and Markdown again")
-    g.add_argument("report", metavar="REPORT.json")
+    g.add_argument("report", metavar="REPORT.json", nargs="?")
+    g.add_argument("--journal", metavar="FILE",
+                   help="instead, write the report (JSON, Markdown, HTML) of a run whose "
+                        "controller died from the journal it left in its report directory")
     g.add_argument("--html", action="store_true", help="only the HTML")
     g.add_argument("--markdown", action="store_true", help="only the Markdown")
     g.add_argument("-o", "--output", metavar="DIR",

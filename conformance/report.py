@@ -225,6 +225,24 @@ def regenerate(path: str | Path, directory: str | Path | None = None, html: bool
     return out
 
 
+def from_journal(path: str | Path) -> dict[str, Any]:
+    """The report of a run whose controller died, from the journal it left
+    (:class:`lmspec.conformance.runner.Journal`): the checks the journal holds, the others
+    ``skipped`` as interrupted (the report is then ``incomplete``). The duration is the sum
+    of the checks' durations; the environment is this machine's."""
+    from .harness import Target
+    from .runner import read_journal, unrun
+
+    header, results = read_journal(path)
+    got = {f"{r['backend']}::{r['op']}::{r['dtype']}::{r['check']}": r for r in results}
+    targets = header.get("targets") or list(got)
+    ordered = [got.get(t) or unrun(Target(*t.split("::", 3)), "interrupted: the run was "
+                                   "stopped before this check finished") for t in targets]
+    return build(ordered, header.get("settings", {}), header.get("backends", []),
+                 sum(float(r.get("duration_s") or 0.0) for r in results),
+                 incomplete=any(t not in got for t in targets))
+
+
 def load(path: str | Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)

@@ -246,3 +246,19 @@ def test_html_screenshot(tmp_path):
                    capture_output=True, timeout=120, check=False)
     assert shot.exists() and shot.stat().st_size > 10_000
     assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_from_a_journal_left_by_a_dead_controller(tmp_path, capsys):
+    from lmspec.conformance.runner import Journal
+
+    targets = ["b::softmax::float64::forward", "b::softmax::float64::vjp"]
+    j = Journal(tmp_path, {"settings": {"profile": "default", "max_examples": 10, "seed": 0},
+                           "backends": [], "targets": targets})
+    j.write(_result())
+    j.close(remove=False)
+    assert main(["report", "--journal", str(j.path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    rep = report.load(path)
+    assert rep["incomplete"] and [r["status"] for r in rep["results"]] == ["pass", "skipped"]
+    assert path.with_suffix(".html").exists() and path.with_suffix(".md").exists()
+    assert main(["report"]) == 2 and "either REPORT.json or --journal" in capsys.readouterr().err
