@@ -299,7 +299,9 @@ def _check_gqa(q, k, v_, mask, is_causal, scale, q_offset, window, alibi_slopes,
         if right is not None:
             allow &= rel <= right
     allow = allow if m is None else m & allow
-    return qq, kk, vv, np.broadcast_to(allow, full), s, rel, slopes, cap
+    if m is None and not causal and win is None:
+        allow = None  # every key visible: the softmax needs no mask
+    return qq, kk, vv, None if allow is None else np.broadcast_to(allow, full), s, rel, slopes, cap
 
 
 def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
@@ -320,7 +322,7 @@ def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
     if slopes is not None:
         sl = slopes[None, :] if slopes.ndim == 1 else slopes
         s = s - sl[:, :, None, None] * fl(np.abs(rel))
-    (out, _), attend_back = _attend_fwd(s, allow, ve)
+    (out, _), attend_back = _attend_fwd(s, allow, ve, overwrite=True)
 
     def fold(x):  # [B, h, ...] -> [B, g, ...] summed over the heads of each group
         return x.reshape(b, g, rep, *x.shape[2:]).sum(axis=2)
