@@ -114,11 +114,12 @@ class Progress:
         plain = " ".join(f"{v} {k}" for k, v in self.counts.items())
         head = (f"{bar} {self.done}/{self.total} {100 * self.done // max(1, self.total):3d}% "
                 f"{_clock(elapsed)} ETA {_clock(eta)} ")
+        if len(head) + len(plain) > cols:  # a narrow terminal: the bar alone, never wrapped
+            self.stream.write("\r\033[K" + head[:cols])
+            return
         room = cols - len(head) - len(plain) - 3
-        what = self._what(current)
-        tail = f" | {what[:room]}" if room > 10 else ""
-        self.stream.write("\r\033[K" + head + (counts if len(head) + len(plain) <= cols else "")
-                          + tail)
+        tail = f" | {self._what(current)[:room]}" if room > 10 else ""
+        self.stream.write("\r\033[K" + head + counts + tail)
 
     def _flush(self) -> None:
         """One line for the unsupported checks of one (backend, op)."""
