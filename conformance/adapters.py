@@ -63,10 +63,10 @@ def torch(fn: Callable[..., Any], device: str = "cpu") -> Adapted:
             backends[op] = cls(f"adapter-{op}", device, tuple(lmspec.DTYPES))
         return backends[op]
 
+    plain = TorchBackend("adapter", device, tuple(lmspec.DTYPES))
+
     def forward(*args: Any, **kwargs: Any) -> Any:
-        # any op name would do: the kernel is fn whatever the op
-        b = backend_for(next(iter(lmspec.OPS)))
-        return b._call(fn, args, kwargs)
+        return plain._call(fn, args, kwargs)  # tensors in, no_grad, NumPy out
 
     def vjp(op: str, args: Sequence[Any], kwargs: Mapping[str, Any], cotangent: Any):
         return backend_for(op).vjp(op, args, kwargs, cotangent)
