@@ -370,8 +370,10 @@ def render(report: dict[str, Any]) -> str:
 def render_compare(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """``lmspec compare --html``: the header table and the verdict table, differences
     outlined."""
-    hh, hrows = rp.compare_header(reports)
-    rh, rrows, differing = rp.compare_results(reports)
+    from .compare import DIFF, compare_header, compare_results
+
+    hh, hrows = compare_header(reports)
+    rh, rrows, differing = compare_results(reports)
     body = ["<h1>lmspec report comparison</h1><ul>"
             + "".join(f"<li>[{i + 1}] {_e(name)}: <code>{_e(rep['report_id'])}</code>"
                       + (" <b>(incomplete)</b>" if rep.get("incomplete") else "") + "</li>"
@@ -389,7 +391,7 @@ def render_compare(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
         op, out = row[0], [Markup(f'<td class="op">{_e(row[0])}</td>')]
         for (idx, b, d), text in zip(cols, row[1:]):
             rs = grids[int(idx.strip("[]")) - 1].get((op, b, d), [])
-            out.append(_matrix_cell(rs, op, b, d, diff=text.startswith(rp.DIFF), link=False))
+            out.append(_matrix_cell(rs, op, b, d, diff=text.startswith(DIFF), link=False))
         rows.append(out)
     body.append(_table(rh, rows, "matrix"))
     return _page("lmspec report comparison", body)

@@ -15,6 +15,7 @@ import torch
 
 from lmspec.conformance import html, report, terminal
 from lmspec.conformance.cli import main
+from lmspec.conformance.compare import DIFF
 from lmspec.conformance.harness import Settings, Target, run_target
 from lmspec.conformance.harness import ratio_distribution as dist
 
@@ -110,13 +111,13 @@ def test_compare_marks_differences_and_sets_the_exit_status(tmp_path, capsys):
     pa.write_text(json.dumps(a))
     pb.write_text(json.dumps(b))
     assert main(["compare", str(pa), str(pa)]) == 0
-    assert report.DIFF not in capsys.readouterr().out
+    assert DIFF not in capsys.readouterr().out
     assert main(["compare", str(pa), str(pb), "--markdown", "--html",
                  str(tmp_path / "c.html")]) == 1
     out = capsys.readouterr().out
     torch_row = next(line for line in out.splitlines() if "| torch " in line)
-    assert torch_row.startswith(f"| {report.DIFF}")
-    assert f"{report.DIFF} FAIL" in out and f"{report.DIFF} pass" in out
+    assert torch_row.startswith(f"| {DIFF}")
+    assert f"{DIFF} FAIL" in out and f"{DIFF} pass" in out
     assert "| softmax " in out and "1 (op, dtype) with differing verdicts" in out
     page = _parse((tmp_path / "c.html").read_text())
     # the torch row (field and both values) and the two float32 cells
