@@ -257,8 +257,24 @@ class JaxBackend:
             fn = self._compiled[key] = self._jax.jit(make())
         return fn
 
+    @cached_property
+    def _refusals(self) -> tuple[str, ...]:
+        return tuple(r for mod in self._modules.values() for r in getattr(mod, "REFUSALS", ()))
+
+    def _run(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the backend's device; an error whose message a family module
+        lists in ``REFUSALS`` (XLA declining to compile a dtype or shape on this device) is
+        the engine's refusal: ``NotImplementedError`` (unsupported), with its message."""
+        try:
+            with self._jax.default_device(self._jax_device):
+                return to_numpy(fn(*args))
+        except (ValueError, self._jax.errors.JaxRuntimeError) as exc:
+            if any(r in str(exc) for r in self._refusals):
+                raise NotImplementedError(f"{self.name} {op}: {str(exc)[:300]}") from exc
+            raise
+
     def _call(self, op: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        jax, impl = self._jax, self._impls[op]
+        impl = self._impls[op]
         targs, tkw, leaves = self._template(op, args, kwargs)
 
         def make() -> Callable[..., Any]:
@@ -266,9 +282,7 @@ class JaxBackend:
                 return impl(*_fill(targs, values), **dict(_fill(tkw, values)))
             return run
 
-        fn = self._jitted((op, "forward", targs, tkw), make)
-        with jax.default_device(self._jax_device):
-            return to_numpy(fn(leaves))
+        return self._run(op, self._jitted((op, "forward", targs, tkw), make), leaves)
 
     def vjp(self, op: str, args: Sequence[Any], kwargs: Mapping[str, Any], cotangent: Any):
         """The gradient by ``jax.vjp`` through the same function as the forward."""
@@ -300,9 +314,8 @@ class JaxBackend:
                 return pull(jax.tree_util.tree_unflatten(tree, cts))
             return run
 
-        fn = self._jitted((op, "vjp", targs, tkw, wrt_ids), make)
-        with jax.default_device(self._jax_device):
-            grads = to_numpy(fn(leaves, [np.asarray(c) for c in _flat(cotangent)]))
+        grads = self._run(op, self._jitted((op, "vjp", targs, tkw, wrt_ids), make), leaves,
+                          [np.asarray(c) for c in _flat(cotangent)])
         by_leaf = dict(zip(wrt_ids, grads))
         result: list[Any] = []
         for a, group in zip(args, wrt):

@@ -13,6 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lmspec import Deviation
+from lmspec.backends.jax_attention import FLOAT32_SOFTMAX, head_dims_matched
+
 NOTES = {
     "rms_norm": "JAX has no RMS-norm function: x · jax.lax.rsqrt(mean(x², -1) + eps) · weight "
     "in the input dtype (as Flax's nn.RMSNorm computes it with dtype = param_dtype = the "
@@ -25,9 +28,10 @@ NOTES = {
     "grouped_query_attention": "jax.nn.dot_product_attention (XLA) on [B, L, h, E] with the "
     "key/value heads as its K < N heads, scale passed through, bias = −slope·|q_offset + i "
     "− j| (ALiBi), boolean mask = mask ∧ causal at q_offset ∧ window; a query that sees no "
-    "key is given zeros (jax gives it the mean of the values). Unsupported: Ev ≠ E (jax "
-    "requires value to have key's shape). softcap has no jax.nn.dot_product_attention form "
-    "(a nonlinearity of the scores): with softcap the op is composed from jnp.einsum, "
+    "key is given zeros (jax gives it the mean of the values); Ev ≠ E padded with zero "
+    "features as for scaled_dot_product_attention. softcap has no "
+    "jax.nn.dot_product_attention form (a nonlinearity of the scores): with softcap the op "
+    "is composed from jnp.einsum, "
     "jnp.tanh and jax.nn.softmax(where=visible), as Gemma 2's JAX code writes it.",
     "fused_linear_cross_entropy": "JAX has no fused linear-cross-entropy function: matmul, "
     "softcap·jnp.tanh(z/softcap), the cross-entropy of jax_core (from jax.nn.log_softmax) "
@@ -35,6 +39,18 @@ NOTES = {
 }
 
 STATIC = {"fused_linear_cross_entropy": ("label_smoothing", "z_loss")}
+
+
+def _without_softcap(args, kwargs) -> bool:
+    return kwargs.get("softcap") is None
+
+
+DEVIATIONS = {
+    f"grouped_query_attention/{check}/float64": Deviation(
+        FLOAT32_SOFTMAX + " Only without softcap (with softcap the op is composed in the "
+        "input dtype).", applies=_without_softcap)
+    for check in ("forward", "vjp")
+}
 
 
 def rms_norm(x, weight=None, eps=1e-6):
@@ -106,11 +122,11 @@ def grouped_query_attention(q, k, v, mask=None, is_causal=False, scale=None, q_o
             s = s + bias
         w = jax.nn.softmax(s, axis=-1, where=allow)
         return jnp.einsum("bhls,bhsv->bhlv", w, ve)
-    if v.shape[-1] != e:
-        raise NotImplementedError("jax.nn.dot_product_attention requires Ev == E")
+    ev = v.shape[-1]
+    q, k, v, scale = head_dims_matched(q, k, v, scale)
     out = jax.nn.dot_product_attention(
         *(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), bias=bias, mask=allow, scale=scale)
-    out = jnp.swapaxes(out, 1, 2)
+    out = jnp.swapaxes(out, 1, 2)[..., :ev]
     return jnp.where(sees, out, jnp.zeros_like(out))
 
 
