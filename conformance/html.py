@@ -103,6 +103,18 @@ _LO, _HI = -7.0, 2.0  # panel x range (log10 ratio): the "below" bin, 1e-6 … 1
 _GAP = 1.4
 
 
+_EMPTY = {"edges_log10": [x / 2 for x in range(-12, 3)], "counts": [0] * 14, "below": 0,
+          "above": 0}
+
+
+def _plotted(r: dict[str, Any]) -> bool:
+    """A check gets a panel when it has a distribution, or failed or deviated (then its
+    worst ratio is marked even if no example completed)."""
+    if r["status"] in ("unsupported", "skipped"):  # nothing was judged
+        return False
+    return bool(r.get("ratio_distribution")) or r["status"] in ("fail", "deviation")
+
+
 def _figure_svg(results: Sequence[dict[str, Any]], salt: str) -> str:
     """One figure of small panels, one per check that has a ratio distribution. Drawn
     straight on the figure (no axes: matplotlib's cost is in axes and ticks)."""
@@ -114,7 +126,7 @@ def _figure_svg(results: Sequence[dict[str, Any]], salt: str) -> str:
     from matplotlib.figure import Figure
     from matplotlib.transforms import Affine2D
 
-    panels = [r for r in results if r.get("ratio_distribution")]
+    panels = [r for r in results if _plotted(r)]
     width, n = _HI - _LO, len(panels)
     fig = Figure(figsize=(0.3 + 1.75 * n, 1.35))
     # data: x in log10 units, panel i shifted by i * (width + gap); y in [0, 1] = share
@@ -124,8 +136,9 @@ def _figure_svg(results: Sequence[dict[str, Any]], salt: str) -> str:
     rects, faces, lines, styles, colours = [], [], [], [], []
     texts: list[tuple[float, float, str, str, float, str]] = []
     for i, r in enumerate(panels):
-        d, x0, lab = r["ratio_distribution"], i * (width + _GAP), rp.label(r)
-        total = max(1, sum(d["counts"]) + d["below"] + d["above"])
+        d, x0, lab = r.get("ratio_distribution") or _EMPTY, i * (width + _GAP), rp.label(r)
+        n_ex = sum(d["counts"]) + d["below"] + d["above"]
+        total = max(1, n_ex)
         edges = d["edges_log10"]
         bins = [(_LO, _LO + 0.5, d["below"], "#9e9e9e")]
         bins += [(edges[j], edges[j + 1], c, "#e57373" if edges[j] >= 0 else BAR["pass"])
@@ -148,7 +161,7 @@ def _figure_svg(results: Sequence[dict[str, Any]], salt: str) -> str:
         title = r["check"] if len(r["check"]) <= 26 else r["check"][:25] + "…"
         mid = x0 + (_LO + _HI) / 2
         texts += [(mid, 1.2, title, "bottom", 7, "#222" if lab == "pass" else BAR[lab]),
-                  (mid, -0.22, f"max {rp.num(r.get('worst_ratio'))} · n={total}", "top", 6,
+                  (mid, -0.22, f"max {rp.num(r.get('worst_ratio'))} · n={n_ex}", "top", 6,
                    "#444")]
         texts += [(x0 + x, -0.03, s, "top", 5.5, "#666")
                   for x, s in ((_LO + 0.25, "<1e-6"), (-3, "1e-3"), (0, "1"), (_HI - 0.25, ">10"))]
@@ -180,7 +193,7 @@ def figures(report: dict[str, Any]) -> dict[tuple[str, str, str], str]:
     """One SVG per (op, backend, dtype) that has at least one ratio distribution."""
     out = {}
     for i, (key, rs) in enumerate(rp.grid(report["results"]).items()):
-        if any(r.get("ratio_distribution") for r in rs):
+        if any(map(_plotted, rs)):
             out[key] = _figure_svg(rs, f"f{i}-")
     return out
 
@@ -224,7 +237,7 @@ def matrix(report: dict[str, Any]) -> str:
     cols = rp.columns(report["results"])
     ops = list(dict.fromkeys(r["op"] for r in report["results"]))
     rows = [[Markup(f'<td class="op"><a href="#{anchor(op)}">{_e(op)}</a></td>')]
-            + [_matrix_cell(rs, op, b, d, link=any(r.get("ratio_distribution") for r in rs))
+            + [_matrix_cell(rs, op, b, d, link=any(map(_plotted, rs)))
                for rs, b, d in ((g.get((op, b, d), []), b, d) for b, d in cols)] for op in ops]
     return _table(["op"] + [f"{b} {d}" for b, d in cols], rows, "matrix")
 
