@@ -52,7 +52,7 @@ def _rms_fwd(x, w, eps):
     def back(dy):
         g = dy if w is None else dy * w
         dx = (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True)) / r
-        dw = None if w is None else np.sum((dy * xhat).reshape(-1, x.shape[-1]), axis=0)
+        dw = None if w is None else np.sum(dy * xhat, axis=tuple(range(x.ndim - 1)))
         return dx, dw
 
     return (xhat if w is None else xhat * w), back
@@ -92,8 +92,9 @@ def _check_rotary(x, positions, base, interleaved, rotary_dim):
     op = "rotary_embedding"
     xx = v.floats(op, "x", x, ndim=4)
     b, _, t, e = xx.shape
-    pos = np.asarray(positions)
-    pos = v.ints(op, "positions", positions, shape=(t,) if pos.ndim == 1 else (b, t))
+    pos = v.ints(op, "positions", positions)
+    if pos.shape not in ((t,), (b, t)):
+        v.fail(op, "positions", f"shape [T={t}] or [B={b}, T={t}]", f"shape {pos.shape}")
     bb = v.real(op, "base", base, low=0.0, low_open=True)
     if not math.isfinite(bb):
         v.fail(op, "base", "a finite number > 0", repr(base))
@@ -186,8 +187,11 @@ def _check_gated(x, W_gate, W_up, W_down, activation):
     op = "gated_mlp"
     xx = v.floats(op, "x", x, min_ndim=1)
     d = xx.shape[-1]
+    v.positive_dims(op, "x", xx, {-1: "D"})
     wg = v.floats(op, "W_gate", W_gate, shape=(None, d))
+    v.positive_dims(op, "W_gate", wg, {0: "F"})
     f = wg.shape[0]
+    v.budget(op, "W_gate", xx.size // d * f, "hidden activations [..., F]")
     wu = v.floats(op, "W_up", W_up, shape=(f, d))
     wd = v.floats(op, "W_down", W_down, shape=(d, f))
     v.one_of(op, "activation", activation, GATES)
@@ -261,6 +265,9 @@ def _check_gqa(q, k, v_, mask, is_causal, scale, q_offset, window, alibi_slopes,
         v.fail(op, "k", f"shape [B={b}, g, S, E={e}] with h={h} a multiple of g",
                f"shape {kk.shape}")
     g, n_k = kk.shape[1], kk.shape[2]
+    v.positive_dims(op, "q", qq, {2: "L"})
+    v.positive_dims(op, "k", kk, {2: "S"})
+    v.budget(op, "k", b * h * n_q * n_k, "score matrix [B, h, L, S]")
     vv = v.floats(op, "v", v_, shape=(b, g, n_k, None))
     full = (b, h, n_q, n_k)
     m = v.mask(op, "mask", mask)
@@ -379,10 +386,12 @@ def _check_flce(hidden, weight, targets, bias, ignore_index, label_smoothing, z_
     op = "fused_linear_cross_entropy"
     hh = v.floats(op, "hidden", hidden, ndim=2)
     n, d = hh.shape
+    v.positive_dims(op, "hidden", hh, {1: "D"})
     w = v.floats(op, "weight", weight, shape=(None, d))
     vocab = w.shape[0]
     if vocab < 1:
         v.fail(op, "weight", "at least one class (V >= 1)", f"shape {w.shape}")
+    v.budget(op, "weight", n * vocab, "logits [N, V]")
     b = None if bias is None else v.floats(op, "bias", bias, shape=(vocab,))
     ii = v.integer(op, "ignore_index", ignore_index)
     t = v.ints(op, "targets", targets, shape=(n,), low=0, high=vocab, allow=(ii,))

@@ -238,7 +238,7 @@ def sample_min_p_absolute(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=
     probability."""
     if temperature == 0 or min_p == 0:
         return tt.sample_token(logits, u, temperature, top_k, top_p)
-    p, order = torch.sort(torch.softmax(tt._scaled(logits, temperature), -1), -1,
+    p, order = torch.sort(torch.softmax(tt._scaled(logits, temperature), -1), dim=-1,
                           descending=True, stable=True)
     rank = torch.arange(p.shape[-1])
     p = tt._renormalised(p, rank < (top_k or p.shape[-1]))
@@ -299,7 +299,7 @@ MUTANTS = {
 def test_mutant_is_caught(run_mutant, name):
     op, fn, check, dtype = MUTANTS[name]
     results = run_mutant(op, fn, dtypes=(dtype,), checks=(check,), max_examples=100)
-    failing = [r for r in results if r["status"] in ("fail", "error")]
+    failing = [r for r in results if r["status"] == "fail"]
     assert failing, f"{name} went unnoticed: {[(r['check'], r['status']) for r in results]}"
     assert failing[0]["counterexample"] is not None and failing[0]["reproduce"]
 
