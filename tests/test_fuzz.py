@@ -264,7 +264,8 @@ def outcome(op: str, fn: Callable[[], Any], names: Sequence[str],
     of ``names``), ``unclear`` (any other ValueError), ``nan-to-int`` (an integer result
     computed from a NaN input) or ``escape`` (any other exception)."""
     try:
-        with time_limit(), np.errstate(all="ignore"):
+        with time_limit(), np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # e.g. the mean of an empty row
             res = fn()
     except ValueError as e:
         return ("clear" if is_clear(op, e, names) else "unclear"), f"ValueError: {e}"
