@@ -332,7 +332,7 @@ def _gqa_scale(call: Call, cot=None) -> float:
     slopes = kw.get("alibi_slopes")
     if slopes is not None:
         n_q, n_k, off = q.shape[2], k.shape[2], kw.get("q_offset", 0)
-        dist = max(abs(off), abs(off + n_q - 1 - (n_k - 1)), abs(off + n_q - 1), abs(off - n_k + 1))
+        dist = max(abs(off + n_q - 1), abs(off - n_k + 1))  # max |q_offset + i − j|
         e += float(np.max(_abs(slopes), initial=0.0)) * dist
     return float(np.max(np.abs(v), initial=1.0)) * max(1.0, e) * _grad_factor(cot, s * q, s * k)
 
