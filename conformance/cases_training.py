@@ -12,8 +12,9 @@ where the decision is numerically ambiguous, and only there either neighbour is 
   inexact) may therefore fall either way; in float64 nothing is ambiguous.
 - ``sample_token``: probabilities, cumulative masses and their comparisons with ``u`` and
   ``top_p`` are rounded. Within ``ε = floor(k=V, M)`` of each other two probabilities may
-  sort either way and a cumulative mass may sit on either side of ``u`` or ``top_p``,
-  with ``M = 1 + max|logits/T|·Σ_i p_i(1 − p_i)`` (rounding ``logits/T`` moves the
+  sort either way, a cumulative mass may sit on either side of ``u`` or ``top_p``, and a
+  probability on either side of ``min_p ×`` the largest, with
+  ``M = 1 + max|logits/T|·Σ_i p_i(1 − p_i)`` (rounding ``logits/T`` moves the
   probabilities by about that much, and not at all when ``p`` is one-hot); the accepted
   tokens are those some such reading selects.
   Greedy (``temperature = 0``) compares exact logits and is exact.
