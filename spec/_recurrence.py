@@ -44,7 +44,9 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _split(a: np.ndarray, n: int) -> list[np.ndarray]:
-    return np.split(a, n, axis=-1)
+    """The ``n`` equal gate blocks of the last axis, as views."""
+    k = a.shape[-1] // n
+    return [a[..., j * k:(j + 1) * k] for j in range(n)]
 
 
 def _times(T: int, reverse: bool) -> range:
@@ -346,7 +348,9 @@ def layer_bwd(cell: Cell, lay: Layer, dys: np.ndarray | None, dfinal: Sequence[n
     d2 = delta.reshape(T * B, -1)
     dx = _mm(d2, lay.w[0]).reshape(T, B, I)
     dW_ih = _mm(d2.T, lay.x.reshape(T * B, I))
-    parts = [(d.reshape(T * B, -1), inp.reshape(T * B, -1)) for d, inp in rec]
-    dW_hh = np.concatenate([_mm(d.T, inp) for d, inp in parts], axis=0)
-    db_hh = np.concatenate([np.sum(d, axis=0) for d, _ in parts])
-    return dx, d_init, (dW_ih, dW_hh, np.sum(d2, axis=0), db_hh)
+    db_ih = np.sum(d2, axis=0)
+    dW_hh = np.concatenate([_mm(d.reshape(T * B, -1).T, inp.reshape(T * B, -1))
+                            for d, inp in rec], axis=0)
+    db_hh = np.concatenate([db_ih if d is delta else np.sum(d.reshape(T * B, -1), axis=0)
+                            for d, _ in rec])
+    return dx, d_init, (dW_ih, dW_hh, db_ih, db_hh)

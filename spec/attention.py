@@ -92,14 +92,17 @@ def _attend_fwd(e: np.ndarray, allow: np.ndarray | None, values: np.ndarray,
 
 
 def _linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None):
-    """``y = x Wᵀ + b``. Pullback: ``∂y -> (∂x = ∂y W, ∂W = Σ ∂yᵀ x, ∂b = Σ ∂y)``."""
-    y = x @ W.T
+    """``y = x Wᵀ + b``. Pullback: ``∂y -> (∂x = ∂y W, ∂W = Σ ∂yᵀ x, ∂b = Σ ∂y)``. Leading
+    axes are flattened, so that each product is one GEMM."""
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, x.shape[-1])
+    y = (x2 @ W.T).reshape(*x.shape[:-1], W.shape[0])
     if b is not None:
         y += b
 
     def back(dy):
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        return dy @ W, dy2.T @ x2, np.sum(dy2, axis=0)
+        dy2 = dy.reshape(rows, dy.shape[-1])
+        return (dy2 @ W).reshape(x.shape), dy2.T @ x2, np.sum(dy2, axis=0)
 
     return y, back
 
