@@ -34,11 +34,35 @@ def below_one(u: np.ndarray | float, dtype: str) -> np.ndarray:
     return np.where(r >= 1, top, r).astype(r.dtype)
 
 
+ELEMENTWISE_MAX = 8
+"""Arrays of up to this many elements are drawn element by element (Hypothesis shrinks
+each value); larger ones from a seed that Hypothesis draws, plus a few elements that it
+places and chooses itself (see :func:`floats`)."""
+
+
 def floats(draw, dtype: str, shape: Sequence[int], lo: float = -3.0, hi: float = 3.0,
            *, label: str = "array") -> np.ndarray:
-    """An array of ``shape`` with elements in ``[lo, hi]``, rounded to ``dtype``."""
+    """An array of ``shape`` with elements in ``[lo, hi]``, rounded to ``dtype``.
+
+    Small arrays (≤ :data:`ELEMENTWISE_MAX` elements) are drawn element by element, so
+    a counterexample shrinks value by value. A larger array — recurrent weights, long
+    sequences — would cost Hypothesis one choice per element (the conformance suite's
+    largest cost); it is drawn uniformly in ``[lo, hi]`` from a seed Hypothesis draws,
+    and then up to four elements at positions Hypothesis chooses get the values it would
+    favour (the ends of the range, 0, or any value in it). Shapes are drawn separately,
+    so shrinking still reaches the small arrays where counterexamples are read.
+    """
+    shape = tuple(int(n) for n in shape)
+    n = int(np.prod(shape, dtype=np.int64))
     elems = st.floats(lo, hi, allow_nan=False, allow_infinity=False)
-    raw = draw(hnp.arrays(np.float64, tuple(shape), elements=elems), label=label)
+    if n <= ELEMENTWISE_MAX:
+        return as_dtype(draw(hnp.arrays(np.float64, shape, elements=elems), label=label), dtype)
+    seed = draw(st.integers(0, 2**63 - 1), label=f"{label} seed")
+    raw = np.random.default_rng(seed).uniform(lo, hi, size=shape)
+    special = st.sampled_from(sorted({lo, hi, min(max(0.0, lo), hi)})) | elems
+    for _ in range(draw(st.integers(0, 4), label=f"{label} placed")):
+        raw.flat[draw(st.integers(0, n - 1), label=f"{label} at")] = draw(special,
+                                                                         label=f"{label} value")
     return as_dtype(raw, dtype)
 
 

@@ -562,10 +562,12 @@ def run_target(backend: Any, target: Target, config: Settings,
     def example(data: Any) -> None:
         stats.begin()
         with np.errstate(all="ignore"):
-            _example(data)
-        stats.end()
+            checked = _example(data)
+        if checked:
+            stats.end()
 
-    def _example(data: Any) -> None:
+    def _example(data: Any) -> bool:
+        """One example; whether the backend's answer was checked."""
         drawer = _Drawer(data)
         strategy = (prop.strategy or oc.strategy) if prop else oc.strategy
         drawn = data.draw(strategy(dtype), label="input")
@@ -576,7 +578,7 @@ def run_target(backend: Any, target: Target, config: Settings,
         except _Unsupported as exc:
             stats.unsupported += 1
             stats.unsupported_reason = str(exc)
-            return
+            return False
         except _Mismatch as exc:
             dev = deviation_for(deviations or {}, target)
             if dev is not None and _covers(dev, drawn):
@@ -584,7 +586,7 @@ def run_target(backend: Any, target: Target, config: Settings,
                 stats.examples += not stats.shrinking
                 if stats.deviation is None:
                     stats.deviation = dict(record, message=str(exc))
-                return
+                return True
             _failed(record, exc)
             raise
         except (_BackendError, _Fatal) as exc:
@@ -592,6 +594,7 @@ def run_target(backend: Any, target: Target, config: Settings,
             raise
         stats.shrink_replays += stats.shrinking
         stats.examples += not stats.shrinking
+        return True
 
     def _failed(record: dict[str, Any], exc: BaseException) -> None:
         record["message"] = str(exc)
