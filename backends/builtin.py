@@ -14,6 +14,7 @@ from lmspec.backends.torch_backend import TorchBackend
 def register_backends(register):
     register(TorchBackend("torch-cpu", "cpu", ("float16", "bfloat16", "float32", "float64")))
     register(TorchBackend("torch-cuda", "cuda:0", ("float16", "bfloat16", "float32", "float64")))
+    register(TorchBackend("torch-cuda-tf32", "cuda:0", ("float32",), tf32=True))
     register(OrtBackend("onnxruntime-cpu", "cpu", ("float16", "bfloat16", "float32", "float64")))
     register(OrtBackend("onnxruntime-cuda", "cuda:0", ("float16", "bfloat16", "float32", "float64"),
                         provider="CUDAExecutionProvider"))

@@ -85,6 +85,11 @@ def _descriptor(entry: Any) -> dict[str, Any]:
     if b is None:
         return d
     d.update(device=entry.device, dtypes=list(entry.dtypes))
+    try:
+        d["precision"] = {str(k): str(v) for k, v in dict(getattr(b, "precision", None)
+                                                            or {}).items()}
+    except Exception:  # noqa: BLE001 - a malformed declaration declares nothing
+        d["precision"] = {}
     d["implements"] = [op for op in lmspec.OPS if _callable_attr(b, op)]
     d["vjp"] = _callable_attr(b, "vjp")
     try:

@@ -243,6 +243,7 @@ class RemoteBackend:
         self.device: str = descriptor.get("device", "")
         self.dtypes: tuple[str, ...] = tuple(descriptor.get("dtypes", ()))
         self.implements = frozenset(descriptor.get("implements", ()))
+        self.precision: dict[str, str] = dict(descriptor.get("precision", {}))
         self.deviations = {key: _RemoteDeviation(self, key, d["reason"], d["predicate"])
                            for key, d in descriptor.get("deviations", {}).items()}
         if descriptor.get("vjp"):

@@ -83,10 +83,13 @@ class TorchBackend:
     """Op name → torch function (tensors in, tensors out, the catalogue's signature) that
     replaces the built-in kernel of that op; its documented deviations are dropped."""
 
-    def __init__(self, name: str, device: str, dtypes: Sequence[str]):
+    def __init__(self, name: str, device: str, dtypes: Sequence[str], *, tf32: bool = False):
         self.name = name
         self.device = device
         self.dtypes = tuple(dtypes)
+        self.tf32 = tf32
+        if tf32:  # float32 products in TF32: judged with TF32's unit roundoff
+            self.precision = {"float32": "tf32"}
 
     # -- discovery ---------------------------------------------------------------
     @cached_property
@@ -99,6 +102,9 @@ class TorchBackend:
 
         if self.device == "cpu":
             torch.set_num_threads(int(os.environ.get("LMSPEC_TORCH_THREADS", "1")))
+        else:  # the math mode is explicit: cuDNN allows TF32 by default, matmuls do not
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
         return torch
 
     @cached_property

@@ -63,6 +63,8 @@ MIN_CHECKED_FRACTION = 0.5
 """A check passes outright only when the backend answered at least this fraction of the
 examples drawn; fewer (but some) is a *partial* pass, marked with its counts; none is
 ``unsupported``."""
+LARGE_MIN_EXAMPLES = 3
+"""The fewest examples per check of the large-shape tier (``--shapes large``)."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,18 @@ class Settings:
     seed: int = 0
     call_timeout_s: float = DEFAULT_TIMEOUT_S
     replay_args: Sequence[str] = ()
+    shapes: str = "small"
+    """``"small"`` (each op's own strategy) or ``"large"`` (its large-shape tier)."""
 
     @property
     def examples(self) -> int:
-        return self.max_examples if self.max_examples is not None else PROFILES[self.profile]
+        """Examples per check: ``--max-examples``, else the profile's count; the large
+        tier draws a twentieth of it, at least :data:`LARGE_MIN_EXAMPLES` (quick 3,
+        default 5, thorough 50), since each of its examples costs hundreds of small ones."""
+        if self.max_examples is not None:
+            return self.max_examples
+        n = PROFILES[self.profile]
+        return max(LARGE_MIN_EXAMPLES, n // 20) if self.shapes == "large" else n
 
 
 def checks_of(op: str) -> list[str]:
@@ -517,7 +527,7 @@ def run_target(backend: Any, target: Target, config: Settings,
         if stats.worst_tol or check in ("forward", "vjp") or status == "fail":
             result["tolerance"] = {
                 "policy": tolerance.POLICY, "c_base": tolerance.C_BASE,
-                "c_floor": tolerance.C_FLOOR, "u": lmspec._precision.UNIT_ROUNDOFF[dtype],
+                "c_floor": tolerance.C_FLOOR, "u": tolerance.floor_u(dtype),
                 "at_worst": jsonable(stats.worst_tol)}
         if stats.ambiguous:
             result["ambiguous_examples"] = stats.ambiguous
@@ -540,6 +550,11 @@ def run_target(backend: Any, target: Target, config: Settings,
     oc = CASES.get(op)
     if oc is None:
         return done("skipped", f"no conformance cases are declared for {op}")
+    large = config.shapes == "large"
+    if large and oc.large is None:
+        return done("skipped", f"no large-shape cases declared for {op}")
+    if large and check not in ("forward", "vjp"):
+        return done("skipped", "no large-shape cases for this check")
     method = getattr(backend, op, None)
     if method is None:
         return done("unsupported", f"{target.backend} does not implement {op}")
@@ -569,7 +584,8 @@ def run_target(backend: Any, target: Target, config: Settings,
     def _example(data: Any) -> bool:
         """One example; whether the backend's answer was checked."""
         drawer = _Drawer(data)
-        strategy = (prop.strategy or oc.strategy) if prop else oc.strategy
+        strategy = (prop.strategy or oc.strategy) if prop else (
+            oc.large if large else oc.strategy)
         drawn = data.draw(strategy(dtype), label="input")
         _check_drawn_dtypes(drawn, dtype, f"{op} {check}")
         record: dict[str, Any] = {"input": drawn}
@@ -643,18 +659,31 @@ def run_target(backend: Any, target: Target, config: Settings,
         suppress_health_check=list(HealthCheck),
     )(seed(_seed_of(target, config.seed))(given(st.data())(example)))
 
-    try:
-        test()
-    except _Mismatch as exc:
-        return done("fail", str(exc))
-    except (_BackendError, _Fatal) as exc:
-        return done("error", str(exc))
-    except StrategyError as exc:
-        return done("error", f"harness: {exc}")
-    except HypothesisException as exc:
-        return done("error", f"the search failed: {type(exc).__name__}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a harness or reference problem is an error too
-        return done("error", f"{type(exc).__name__}: {exc}")
+    precision = {d: p for d, p in dict(getattr(backend, "precision", None) or {}).items()
+                 if d in DTYPES and p in lmspec._precision.UNIT_ROUNDOFF}
+    if precision.get(dtype, dtype) != dtype:
+        result["precision"] = precision[dtype]
+    with tolerance.declared_precision(precision):
+        try:
+            test()
+        except _Mismatch as exc:
+            return done("fail", str(exc))
+        except (_BackendError, _Fatal) as exc:
+            return done("error", str(exc))
+        except StrategyError as exc:
+            return done("error", f"harness: {exc}")
+        except HypothesisException as exc:
+            return done("error", f"the search failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a harness or reference problem is an error
+            return done("error", f"{type(exc).__name__}: {exc}")
+        return _verdict(done, stats, deviations, target, result)
+
+
+def _verdict(done: Callable[..., dict[str, Any]], stats: _Stats,
+             deviations: Mapping[str, Any] | None, target: Target,
+             result: dict[str, Any]) -> dict[str, Any]:
+    """The status of a check whose search raised nothing (CONTRACT §5 statuses; a pass
+    with fewer than :data:`MIN_CHECKED_FRACTION` of its examples checked is partial)."""
     if stats.deviated:
         dev = deviation_for(deviations or {}, target)
         result["deviation_reason"] = getattr(dev, "reason", str(dev))
@@ -714,4 +743,6 @@ def reproduce_command(t: Target, config: Settings) -> str:
     parts = ["lmspec", "run", "--backend", t.backend, "--op", t.op, "--dtype", t.dtype,
              "--check", t.check, "--seed", str(config.seed), "--max-examples",
              str(config.examples), *config.replay_args]
+    if config.shapes == "large":
+        parts += ["--shapes", "large"]
     return " ".join(parts)

@@ -28,6 +28,9 @@ error / tolerance (≤ 1 passes).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,9 +46,31 @@ POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
           "constants such as fl(1/p) rounded; NaN/inf positions must match)")
 
 
+_PRECISION: ContextVar[Mapping[str, str] | None] = ContextVar("lmspec_declared_precision",
+                                                              default=None)
+
+
+@contextmanager
+def declared_precision(precision: Mapping[str, str]) -> Iterator[None]:
+    """Within this block, the floor of dtype ``d`` uses the unit roundoff of
+    ``precision[d]``: a backend that declares it computes float32 with TF32 products
+    (``{"float32": "tf32"}``) is judged against TF32's ``u = 2⁻¹¹``, not float32's. The
+    baseline gate is unchanged (the spec in the storage dtype)."""
+    token = _PRECISION.set(dict(precision))
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def floor_u(dtype: str) -> float:
+    """The unit roundoff of the floor: the dtype's, or the declared working precision's."""
+    return UNIT_ROUNDOFF[(_PRECISION.get() or {}).get(dtype, dtype)]
+
+
 def floor(dtype: str, k: int, scale: float) -> float:
     """The rounding-error floor ``C_FLOOR·√k·u·M``."""
-    return C_FLOOR * math.sqrt(max(int(k), 1)) * UNIT_ROUNDOFF[dtype] * (scale or 1.0)
+    return C_FLOOR * math.sqrt(max(int(k), 1)) * floor_u(dtype) * (scale or 1.0)
 
 
 @dataclass

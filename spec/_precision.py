@@ -24,6 +24,7 @@ DTYPES: dict[str, np.dtype] = {
 """The float dtypes of the contract (§1), by name."""
 
 UNIT_ROUNDOFF: dict[str, float] = {
+    "tf32": 2.0**-11,  # not a storage dtype: float32 products with 10-bit mantissas (CUDA)
     "float16": 2.0**-11,
     "bfloat16": 2.0**-8,
     "float32": 2.0**-24,

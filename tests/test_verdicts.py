@@ -143,3 +143,20 @@ def test_the_environment_explains_last_digit_differences():
                         "environment()\nassert 'torch' not in sys.modules"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr  # the judge's environment never imports an engine
+
+
+def test_a_declared_tf32_precision_is_judged_with_tf32_unit_roundoff():
+    class Tf32Like(Softmax):
+        """float32 softmax with a TF32-sized relative error (products rounded to 10 bits)."""
+
+        def softmax(self, x, axis=-1):
+            return (super().softmax(x, axis) * (1 + 2.0**-12)).astype(x.dtype)
+
+    strict = Tf32Like()
+    assert _run(strict, "float32")["status"] == "fail"
+    tf32 = Tf32Like()
+    tf32.precision = {"float32": "tf32"}
+    res = _run(tf32, "float32")
+    assert res["status"] == "pass" and res["precision"] == "tf32"
+    assert res["tolerance"]["u"] == 2.0**-11
+    assert _run(tf32, "float64")["status"] == "fail"  # only the declared dtype is relaxed
