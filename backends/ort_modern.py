@@ -71,8 +71,9 @@ def DEVIATIONS(provider: str) -> dict[str, Any]:  # noqa: N802 - the backend's D
         "grouped_query_attention/forward/float64": lmspec.Deviation(_F64_ATTENTION,
                                                                     _gqa_applies),
         "rms_norm/unit_mean_square/float64": lmspec.Deviation(
-            _F32_RMS_EPS + "Measured 2.6e-15 to 1.4e-13 on mean(y²) = ms/(ms + ε); the "
-            "forward check conforms.", lambda a, k: _f32_inexact(_arg("rms_norm", "eps", a, k))),
+            _F32_RMS_EPS + "Measured on mean(y²) = ms/(ms + ε): 2.6e-15 for ms ≫ ε, up to "
+            "5.7e-10 where ms is comparable to ε (value 0.34); the forward check conforms.",
+            lambda a, k: _f32_inexact(_arg("rms_norm", "eps", a, k))),
         "gated_mlp/forward/float64": lmspec.Deviation(
             _GELU_TANH_F64,
             lambda a, k: _arg("gated_mlp", "activation", a, k) == "gelu_tanh"),
