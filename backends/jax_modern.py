@@ -18,8 +18,8 @@ from lmspec.backends.jax_attention import FLOAT32_SOFTMAX, head_dims_matched
 
 NOTES = {
     "rms_norm": "JAX has no RMS-norm function: x · jax.lax.rsqrt(mean(x², -1) + eps) · weight "
-    "in the input dtype (as Flax's nn.RMSNorm computes it with dtype = param_dtype = the "
-    "input dtype).",
+    "computed in float32 for float16/bfloat16 inputs (float64 for float64) and cast back, "
+    "as Flax's nn.RMSNorm computes its statistics in at least float32.",
     "rotary_embedding": "JAX has no rotary function: composed as MaxText/Flax models do, the "
     "angles positions·θ and their jnp.cos/jnp.sin in float32 (float64 for float64 inputs), "
     "cast to the input dtype, the rotation in the input dtype.",
@@ -54,8 +54,10 @@ DEVIATIONS = {
 
 
 def rms_norm(x, weight=None, eps=1e-6):
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return y if weight is None else y * weight
+    work = jnp.promote_types(x.dtype, jnp.float32)  # statistics in float32 at least, as Flax
+    xw = x.astype(work)
+    y = xw * jax.lax.rsqrt(jnp.mean(jnp.square(xw), axis=-1, keepdims=True) + eps)
+    return (y if weight is None else y * weight.astype(work)).astype(x.dtype)
 
 
 def rotary_embedding(x, positions, base=10000.0, interleaved=False, rotary_dim=None):
