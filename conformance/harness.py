@@ -310,6 +310,7 @@ class _Stats:
     unsupported: int = 0
     unsupported_reason: str = ""
     shrink_replays: int = 0
+    vacuous: int = 0
     shrinking: bool = False
     deviated: int = 0
     deviation: dict[str, Any] | None = None
@@ -566,7 +567,10 @@ def run_target(backend: Any, target: Target, config: Settings,
     timeout = config.call_timeout_s
     owner = target.backend
 
+    calls = [0]  # backend calls in the current example
+
     def run_as_backend(name: str, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
         fn = getattr(backend, name, None)
         if fn is None:
             raise _Unsupported(f"{target.backend} does not implement {name} (used by {check})")
@@ -589,8 +593,12 @@ def run_target(backend: Any, target: Target, config: Settings,
         drawn = data.draw(strategy(dtype), label="input")
         _check_drawn_dtypes(drawn, dtype, f"{op} {check}")
         record: dict[str, Any] = {"input": drawn}
+        calls[0] = 0
         try:
             _evaluate(drawer, drawn, record)
+            if prop is not None and calls[0] == 0:  # the property decided without the backend
+                stats.vacuous += 1
+                return False
         except _Unsupported as exc:
             stats.unsupported += 1
             stats.unsupported_reason = str(exc)
@@ -693,7 +701,8 @@ def _verdict(done: Callable[..., dict[str, Any]], stats: _Stats,
     answered = stats.examples
     drawn_total = answered + stats.unsupported
     if answered == 0:
-        return done("unsupported", stats.unsupported_reason or "no example was checked")
+        return done("unsupported", stats.unsupported_reason or (
+            "no example exercised the backend" if stats.vacuous else "no example was checked"))
     msg = ""
     if stats.unsupported:
         msg = (f"{stats.unsupported} of {drawn_total} examples unsupported: "

@@ -119,7 +119,7 @@ def test_a_squatter_sorting_first_cannot_take_a_builtin_name(tmp_path):
                 str(tmp_path / "r"), env=env)
     assert r.returncode == 0, r.stderr
     rep = _only_report(tmp_path / "r")
-    assert [b["plugin"] for b in rep["backends"]] == ["torch (lmspec " + lmspec.__version__ + ")"]
+    assert [b["plugin"] for b in rep["backends"]] == ["builtin (lmspec " + lmspec.__version__ + ")"]
     listed = _lmspec("backends", "--json", env=env)
     squat = [x for x in json.loads(listed.stdout) if x["plugin"].startswith("aaa ")]
     assert any(x["status"].endswith("is taken by lmspec (built-in)") for x in squat)

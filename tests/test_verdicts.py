@@ -160,3 +160,17 @@ def test_a_declared_tf32_precision_is_judged_with_tf32_unit_roundoff():
     assert res["status"] == "pass" and res["precision"] == "tf32"
     assert res["tolerance"]["u"] == 2.0**-11
     assert _run(tf32, "float64")["status"] == "fail"  # only the declared dtype is relaxed
+
+
+def test_a_property_that_never_calls_the_backend_checks_nothing(monkeypatch):
+    from lmspec.conformance.declare import PROPERTIES, Holds, Property
+
+    def decides_alone(run, drawn, dtype):
+        yield Holds("decided without the backend", True)
+
+    monkeypatch.setitem(PROPERTIES, ("softmax", "vacuous"),
+                        Property("vacuous", "softmax", decides_alone))
+    res = run_target(Softmax(), Target("knobs", "softmax", "float64", "vacuous"),
+                     Settings(max_examples=10), {})
+    assert res["status"] == "unsupported" and res["examples"] == 0
+    assert res["message"] == "no example exercised the backend"
