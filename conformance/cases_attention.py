@@ -25,6 +25,7 @@ import lmspec
 from lmspec._precision import UNIT_ROUNDOFF
 
 from . import draw as d
+from . import large_shapes as big
 from .conditioning import scalar_step
 from .declare import Call, Close, Holds, cases, prop
 
@@ -163,8 +164,35 @@ def _sdpa_scale(call: Call, cot=None) -> float:
     return float(np.max(np.abs(v), initial=1.0)) * max(1.0, e) * _grad_factor(cot, s * q, s * k)
 
 
+@st.composite
+def _sdpa_large(draw, dtype: str) -> Call:
+    """Large tier: ``S`` and ``L`` around 64/128/256-key blocks, kernel head dimensions,
+    key padding whose valid length is itself a boundary size, or a sparse random mask."""
+    h = big.size(draw, (2, 1, 3, 4), "h")
+    b = big.size(draw, (1, 2), "B") if h <= 2 else 1
+    n_k = big.size(draw, big.LENGTHS, "S")
+    n_q = draw(st.sampled_from([n_k, 1, *big.LENGTHS]), label="L")
+    e = big.size(draw, big.HEAD_DIMS, "E")
+    ev = draw(st.sampled_from([e, 64]), label="Ev")
+    q = d.floats(draw, dtype, (b, h, n_q, e), label="q")
+    k = d.floats(draw, dtype, (b, h, n_k, e), label="k")
+    v = d.floats(draw, dtype, (b, h, n_k, ev), label="v")
+    kind = draw(st.sampled_from(["none", "key padding [B,1,1,S]", "random [L,S]"]),
+                label="mask kind")
+    mask = None
+    if kind == "key padding [B,1,1,S]":
+        valid = [draw(st.sampled_from([n_k, *(n for n in big.LENGTHS if n < n_k)]),
+                      label="valid keys") for _ in range(b)]
+        mask = (np.arange(n_k) < np.array(valid)[:, None])[:, None, None, :]
+    elif kind == "random [L,S]":
+        mask = big.bools(draw, (n_q, n_k), 0.9, "mask")
+    is_causal = draw(st.booleans(), label="is_causal")
+    scale = draw(st.sampled_from([None, 0.125]), label="scale")
+    return Call((q, k, v, mask), {"is_causal": is_causal, "scale": scale})
+
+
 cases("scaled_dot_product_attention", k=lambda c: c.args[0].shape[-1] + c.args[1].shape[-2],
-      scale=_sdpa_scale)(_sdpa)
+      scale=_sdpa_scale, large=_sdpa_large)(_sdpa)
 
 
 # -- multi-head attention ----------------------------------------------------------------
@@ -271,7 +299,21 @@ def _ln_scale(call: Call, cot=None) -> float:
     return _ln_magnitude([x], [(gamma, beta)], call.kwargs["eps"], cot)
 
 
-cases("layer_norm", scale=_ln_scale)(_ln)
+@st.composite
+def _ln_large(draw, dtype: str) -> Call:
+    """Large tier: rows of widths around the 64…4096-lane chunks of norm kernels; offset
+    rows (mean ≈ 100) catch a one-pass variance ``E[x²] − E[x]²`` over long rows."""
+    dm = big.size(draw, big.WIDTHS, "D")
+    rows = big.size(draw, (3, 1, 2, 5), "rows")
+    regime = draw(st.sampled_from(["normal", "offset"]), label="x regime")
+    lo, hi = {"normal": (-3, 3), "offset": (90, 110)}[regime]
+    x = d.floats(draw, dtype, (rows, dm), lo, hi, label="x")
+    gamma = d.floats(draw, dtype, (dm,), -2, 2, label="gamma")
+    beta = d.floats(draw, dtype, (dm,), -2, 2, label="beta")
+    return Call((x, gamma, beta), {"eps": draw(st.sampled_from([1e-5, 1e-3]), label="eps")})
+
+
+cases("layer_norm", scale=_ln_scale, large=_ln_large)(_ln)
 
 
 # -- Transformer layers ------------------------------------------------------------------

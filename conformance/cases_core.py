@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from . import draw as d
+from . import large_shapes as big
 from .declare import Call, Close, cases, prop
 
 
@@ -41,11 +42,46 @@ def _logit_scale(call: Call, cot) -> float:
     return _mag(call.args[0]) * _mag(cot)
 
 
+@st.composite
+def _reduce_large(draw, dtype: str) -> Call:
+    """Large tier: a few rows reduced over a last axis of a width around the 64…4096-lane
+    chunks of row kernels; sometimes ``-inf`` in a sparse pattern or over the tail (the
+    last, partial chunk) of every row."""
+    width = big.size(draw, big.WIDTHS, "width")
+    rows = big.size(draw, (3, 1, 2, 5), "rows")
+    regime = draw(st.sampled_from(["normal", "large"]), label="x regime")
+    mag = 5.0 if regime == "normal" else min(d.FINITE_MAX[dtype] / 4, 1e4)
+    x = d.floats(draw, dtype, (rows, width), -mag, mag, label="x")
+    holes = draw(st.sampled_from(["none", "sparse -inf", "-inf tail"]), label="-inf")
+    if holes == "sparse -inf":
+        x = np.where(big.bools(draw, x.shape, 0.05, "-inf positions"), -np.inf, x)
+    elif holes == "-inf tail":
+        x = x.copy()
+        x[:, draw(st.sampled_from([64, 128, 1, width - 1]), label="tail from"):] = -np.inf
+    return Call((d.as_dtype(x, dtype),), {"axis": -1})
+
+
 for _op in ("softmax", "log_softmax", "logsumexp"):
-    cases(_op, k=_axis_len, scale=_logit_scale)(_reduce_call)
+    cases(_op, k=_axis_len, scale=_logit_scale, large=_reduce_large)(_reduce_call)
 
 
-@cases("cross_entropy", scale=_logit_scale)
+@st.composite
+def _cross_entropy_large(draw, dtype: str) -> Call:
+    """Large tier: vocabularies of 32000, 32001 and 50257 (a partial last chunk for every
+    chunk size), ``N`` of 1…129 rows, some rows ignored, targets up to the last id."""
+    vocab = big.size(draw, big.VOCABS, "V")
+    n = big.size(draw, big.ROWS, "N")
+    regime = draw(st.sampled_from(["normal", "large"]), label="logit regime")
+    mag = 5.0 if regime == "normal" else min(d.FINITE_MAX[dtype] / 4, 1e4)
+    x = d.floats(draw, dtype, (n, vocab), -mag, mag, label="logits")
+    t = big.ids(draw, (n,), vocab, "targets")
+    if n > 1:
+        t = np.where(big.bools(draw, (n,), 0.1, "ignored rows"), -100, t).astype(np.int64)
+    eps = draw(st.sampled_from([0.0, 0.1]), label="label_smoothing")
+    return Call((x, t), {"ignore_index": -100, "label_smoothing": eps})
+
+
+@cases("cross_entropy", scale=_logit_scale, large=_cross_entropy_large)
 @st.composite
 def _cross_entropy(draw, dtype: str) -> Call:
     n = d.dim(draw, 1, 6, label="N")

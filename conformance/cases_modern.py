@@ -29,6 +29,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from . import draw as d
+from . import large_shapes as big
 from .cases_attention import _abs, _cot, _grad_factor, _mask, _values
 from .declare import Call, Close, Holds, cases, prop
 
@@ -71,7 +72,20 @@ def _rms_k(call: Call) -> int:
     return x.shape[-1] + x.size // max(1, x.shape[-1])
 
 
-cases("rms_norm", k=_rms_k, scale=_rms_scale)(_rms)
+@st.composite
+def _rms_large(draw, dtype: str) -> Call:
+    """Large tier: rows of widths around the 64…4096-lane chunks of norm kernels."""
+    dm = big.size(draw, big.WIDTHS, "D")
+    rows = big.size(draw, (3, 1, 2, 5), "rows")
+    regime = draw(st.sampled_from(["normal", "offset"]), label="x regime")
+    lo, hi = {"normal": (-3, 3), "offset": (90, 110)}[regime]
+    x = d.floats(draw, dtype, (rows, dm), lo, hi, label="x")
+    weight = d.floats(draw, dtype, (dm,), -2, 2, label="weight") if draw(
+        st.booleans(), label="weight given") else None
+    return Call((x, weight), {"eps": draw(st.sampled_from([1e-6, 1e-5]), label="eps")})
+
+
+cases("rms_norm", k=_rms_k, scale=_rms_scale, large=_rms_large)(_rms)
 
 
 @st.composite
@@ -341,7 +355,30 @@ def _gqa_k(call: Call) -> int:
     return call.args[0].shape[-1] + call.args[1].shape[-2]
 
 
-cases("grouped_query_attention", k=_gqa_k, scale=_gqa_scale)(_gqa)
+@st.composite
+def _gqa_large(draw, dtype: str) -> Call:
+    """Large tier: ``S`` around 64/128/256-key blocks, kernel head dimensions, ``g`` of 1, 2
+    and ``h``; prefill (``L = S``) or decoding (``L = 1``) with ``q_offset = S − L``;
+    sliding windows of a block's size and one short of it; causal or not."""
+    h = big.size(draw, (4, 2, 1), "h")
+    g = {"1": 1, "2": min(2, h), "h": h}[draw(st.sampled_from(["2", "1", "h"]), label="g")]
+    b = big.size(draw, (1, 2), "B") if h <= 2 else 1
+    n_k = big.size(draw, big.LENGTHS, "S")
+    n_q = draw(st.sampled_from([n_k, 1]), label="L (S: prefill, 1: decode)")
+    e = big.size(draw, big.HEAD_DIMS, "E")
+    q = d.floats(draw, dtype, (b, h, n_q, e), label="q")
+    k = d.floats(draw, dtype, (b, g, n_k, e), label="k")
+    v = d.floats(draw, dtype, (b, g, n_k, e), label="v")
+    window = draw(st.sampled_from([None, (127, 0), (63, 0), (128, 0), (64, 64)]),
+                  label="window")
+    return Call((q, k, v, None), {
+        "is_causal": draw(st.booleans(), label="is_causal"),
+        "scale": draw(st.sampled_from([None, 0.125]), label="scale"),
+        "q_offset": n_k - n_q, "window": window, "alibi_slopes": None,
+        "softcap": draw(st.sampled_from([None, 30.0]), label="softcap")})
+
+
+cases("grouped_query_attention", k=_gqa_k, scale=_gqa_scale, large=_gqa_large)(_gqa)
 
 
 @prop("grouped_query_attention", strategy=lambda dt: _gqa(dt))
@@ -464,7 +501,38 @@ def _flce_k(call: Call) -> int:
     return call.args[0].shape[1] + call.args[1].shape[0] + call.args[0].shape[0]
 
 
-cases("fused_linear_cross_entropy", k=_flce_k, scale=_flce_scale)(_flce)
+@st.composite
+def _flce_large(draw, dtype: str) -> Call:
+    """Large tier: vocabularies of 32000 (a multiple of every chunk), 32001 and 50257 (a
+    partial last chunk), ``N`` of 1…129 rows, hidden widths 64 and 128, some rows
+    ignored; logits of a few units (weights ``~ 1/√D``).
+
+    Each example costs the reference about a dozen ``N×D×V`` GEMMs (the value, the vjp,
+    the measured conditioning, the baseline), so ``D = 64`` past 7 rows; and since NumPy
+    has no half-precision GEMM (the float16 baseline runs at ~20 M multiply-adds/s),
+    float16 and bfloat16 draw at most 7 rows (row blocks are covered in float32/float64,
+    and in every dtype by ``cross_entropy``, whose reference has no GEMM).
+    """
+    vocab = big.size(draw, big.VOCABS, "V")
+    half = dtype in ("float16", "bfloat16")
+    n = big.size(draw, (7, 1) if half else big.ROWS, "N")
+    dm = big.size(draw, (64, 128) if n <= 7 else (64,), "D")
+    hidden = d.floats(draw, dtype, (n, dm), -3, 3, label="hidden")
+    w = 2 / math.sqrt(dm)
+    weight = d.floats(draw, dtype, (vocab, dm), -w, w, label="weight")
+    bias = d.floats(draw, dtype, (vocab,), -1, 1, label="bias") if draw(
+        st.booleans(), label="bias given") else None
+    t = big.ids(draw, (n,), vocab, "targets")
+    if n > 1:
+        t = np.where(big.bools(draw, (n,), 0.1, "ignored rows"), -100, t).astype(np.int64)
+    return Call((hidden, weight, t, bias), {
+        "ignore_index": -100,
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1]), label="label_smoothing"),
+        "z_loss": draw(st.sampled_from([0.0, 1e-4]), label="z_loss"),
+        "softcap": draw(st.sampled_from([None, 30.0]), label="softcap")})
+
+
+cases("fused_linear_cross_entropy", k=_flce_k, scale=_flce_scale, large=_flce_large)(_flce)
 
 
 def _logits(call: Call) -> np.ndarray:

@@ -220,12 +220,13 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
     for e in entries:
         if e.source.kind in ("--plugin", "LMSPEC_PLUGINS"):
             replay += ["--plugin", e.source.target]
-    settings = harness.Settings(args.profile, args.max_examples, args.seed, args.timeout)
+    settings = harness.Settings(args.profile, args.max_examples, args.seed, args.timeout,
+                                shapes=args.shapes)
     cfg = {"backends": [{"descriptor": e.descriptor, "source": [e.source.kind, e.source.target]}
                         for e in entries],
            "ops": ops, "dtypes": args.dtype, "checks": args.check, "profile": args.profile,
            "max_examples": args.max_examples, "seed": args.seed, "timeout": args.timeout,
-           "replay_args": replay, "targets": [t.id for t in todo]}
+           "replay_args": replay, "targets": [t.id for t in todo], "shapes": args.shapes}
     if jobs == 1:  # this process is the judge: lend it the hosts already started
         hosts.update({(e.source.kind, e.source.target): e.host for e in entries})
     rows = [e.row() for e in entries]
@@ -237,10 +238,13 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
         "plugins": list(args.plugin)}
     if shard is not None:
         run_settings["shard"] = args.shard
+    if args.shapes == "large":  # only then, so that the ids of other reports stay as they were
+        run_settings["shapes"] = args.shapes
     print(f"lmspec {lmspec.__version__}: {terminal.plural(len(todo), 'check')} on "
           f"{', '.join(e.name for e in entries)} ({terminal.plural(len(ops), 'op')}; "
           f"profile {args.profile}, "
-          f"{settings.examples} examples per check, seed {args.seed}"
+          + ("large shapes, " if args.shapes == "large" else "")
+          + f"{settings.examples} examples per check, seed {args.seed}"
           + (f", shard {args.shard}" if shard else "")
           + (f"; {jobs} worker{'s' if jobs > 1 else ''}" if args.jobs > 1 else "") + ")",
           file=sys.stderr)
@@ -458,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="examples per check, overriding the profile")
     r.add_argument("--seed", type=int, default=0, help="seed of the example search")
+    r.add_argument("--shapes", choices=["small", "large"], default="small",
+                   help="large: lengths and widths that straddle kernel tile sizes (attention, "
+                        "norm and cross-entropy ops), a few examples each")
     r.add_argument("--report-dir", default="reports", metavar="DIR",
                    help="where the .json, .md and .html reports go (created if missing)")
     r.add_argument("--jobs", type=int, default=1, metavar="N",

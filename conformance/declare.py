@@ -68,6 +68,9 @@ class OpCases:
     k: Callable[[Call], int]
     scale: Callable[[Call, Any], float] | None = None
     compare: Callable[..., Any] | None = None
+    large: Callable[[str], st.SearchStrategy[Call]] | None = None
+    """The large-shape tier's inputs (``lmspec run --shapes large``): lengths and widths
+    that straddle kernel tile sizes; ``None`` where the op declares none."""
 
 
 @dataclass
@@ -101,7 +104,8 @@ def _arrays(x: Any) -> Iterable[np.ndarray]:
 
 def cases(op: str, *, k: Callable[[Call], int] = last_axis,
           scale: Callable[[Call, Any], float] | None = None,
-          compare: Callable[..., Any] | None = None):
+          compare: Callable[..., Any] | None = None,
+          large: Callable[[str], st.SearchStrategy[Call]] | None = None):
     """Declare ``fn(dtype) -> SearchStrategy[Call]`` as the inputs of ``op``.
 
     ``k`` gives the reduction length that the floor tolerance grows with (√k);
@@ -109,13 +113,16 @@ def cases(op: str, *, k: Callable[[Call], int] = last_axis,
     ``max|reference|`` (``cotangent`` is ``None`` for the forward check): the size of the
     change a relative perturbation ``u`` of the inputs causes in the output, divided by
     ``u`` (e.g. ``max|x|`` for softmax probabilities, which are shift invariant);
-    ``compare`` replaces the float comparison (for integer outputs).
+    ``compare`` replaces the float comparison (for integer outputs); ``large(dtype)``
+    is a second strategy for the large-shape tier (sizes at and around the tile sizes
+    of GPU kernels: 64/128-row blocks, vocabulary chunks), used by the forward and vjp
+    checks under ``--shapes large``.
     """
 
     def deco(fn: Callable[[str], st.SearchStrategy[Call]]):
         if op in CASES:
             raise TypeError(f"cases for {op!r} declared twice")
-        CASES[op] = OpCases(op, fn, k, scale, compare)
+        CASES[op] = OpCases(op, fn, k, scale, compare, large)
         return fn
 
     return deco

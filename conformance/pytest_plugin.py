@@ -69,7 +69,8 @@ def settings() -> Settings:
     cfg = config()
     return Settings(profile=cfg.get("profile", "default"), max_examples=cfg.get("max_examples"),
                     seed=int(cfg.get("seed", 0)), call_timeout_s=_timeout(),
-                    replay_args=tuple(cfg.get("replay_args", ())))
+                    replay_args=tuple(cfg.get("replay_args", ())),
+                    shapes=cfg.get("shapes", "small"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
