@@ -147,6 +147,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
     if z_loss:
         keep = targets != ignore_index
         lse = logsumexp(z, axis=-1)
-        sq = jnp.where(keep, lse * lse, jnp.zeros_like(lse))
-        loss = loss + z_loss * jnp.sum(sq) / jnp.maximum(jnp.sum(keep), 1).astype(z.dtype)
+        # (z_loss·lse)·lse: lse² alone overflows float16 from lse ≈ 256 on
+        sq = jnp.where(keep, (z_loss * lse) * lse, jnp.zeros_like(lse))
+        loss = loss + jnp.sum(sq) / jnp.maximum(jnp.sum(keep), 1).astype(z.dtype)
     return loss
