@@ -13,8 +13,10 @@ jax is imported on first use, never at plugin import, and configured then: 64-bi
 on (``jax_enable_x64``, which the float64 checks need), and XLA's persistent compilation
 cache in a user cache directory (``LMSPEC_JAX_CACHE_DIR``, default
 ``$XDG_CACHE_HOME/lmspec/jax``), since XLA compiles once per input shape and a conformance
-run draws many small shapes. Shapes are never padded: every example runs at its own shape,
-so caching can change how long a run takes but never a result.
+run draws many small shapes. There is no shape bucketing: padding a batch or sequence axis
+to a shared size can change which dot emitter XLA picks, and so the summation order and the
+rounding, so it could move a verdict; every example runs at its own shape, and caching
+changes how long a run takes, never a result.
 """
 
 from __future__ import annotations
