@@ -236,8 +236,29 @@ def _mha_scale(call: Call, cot=None) -> float:
     return max(out, heads) * _grad_factor(cot, query, key, value)
 
 
+@st.composite
+def _mha_large(draw, dtype: str) -> Call:
+    """Large tier: ``S`` around 64/128/256-key blocks, kernel head dimensions with one or
+    two heads (``d_model ≤ 256``: the four projections dominate the reference's cost),
+    prefill or a single query, key padding whose valid length is a boundary size."""
+    h = big.size(draw, (2, 1), "num_heads")
+    dh = big.size(draw, [e for e in big.HEAD_DIMS if h * e <= 256], "head dim")
+    dm = h * dh
+    n_k = big.size(draw, big.LENGTHS, "S")
+    n_q = draw(st.sampled_from([n_k, 1]), label="L")
+    query = d.floats(draw, dtype, (1, n_q, dm), label="query")
+    key = d.floats(draw, dtype, (1, n_k, dm), label="key")
+    value = d.floats(draw, dtype, (1, n_k, dm), label="value")
+    valid = None
+    if draw(st.booleans(), label="key padding"):
+        n = draw(st.sampled_from([n for n in big.LENGTHS if n < n_k] or [n_k]), label="valid")
+        valid = (np.arange(n_k) < n)[None, :]
+    return Call((query, key, value, *_attn_params(draw, dtype, dm, "attn"), h, valid),
+                {"is_causal": draw(st.booleans(), label="is_causal")})
+
+
 cases("multi_head_attention", k=lambda c: 2 * c.args[0].shape[-1] + c.args[1].shape[1],
-      scale=_mha_scale)(_mha)
+      scale=_mha_scale, large=_mha_large)(_mha)
 
 
 # -- positional encoding and layer norm ----------------------------------------------------

@@ -14,8 +14,8 @@ from lmspec.conformance.harness import Settings, Target, run_target
 from .conftest import MutantBackend
 
 BLOCK = 128
-LARGE_OPS = ("scaled_dot_product_attention", "grouped_query_attention", "layer_norm",
-             "rms_norm", "softmax", "log_softmax", "logsumexp", "cross_entropy",
+LARGE_OPS = ("scaled_dot_product_attention", "multi_head_attention", "grouped_query_attention",
+             "layer_norm", "rms_norm", "softmax", "log_softmax", "logsumexp", "cross_entropy",
              "fused_linear_cross_entropy")
 
 
