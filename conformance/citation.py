@@ -55,6 +55,8 @@ def replay_args(rep: dict[str, Any], report_dir: str) -> list[str]:
         args += ["--plugin", mod]
     if s.get("shard"):
         args += ["--shard", str(s["shard"])]
+    if s.get("shapes"):
+        args += ["--shapes", str(s["shapes"])]
     return args
 
 

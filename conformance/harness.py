@@ -358,6 +358,31 @@ def ratio_distribution(ratios: Sequence[float]) -> dict[str, Any] | None:
                           for q in ("0.5", "0.9", "0.99", "1")}}
 
 
+MAX_COUNTEREXAMPLE_ELEMENTS = 10_000
+"""Arrays of a counterexample larger than this are summarised in reports (shape, dtype,
+range and the first values); the ``reproduce`` command replays the example exactly."""
+
+
+def _compact(x: Any) -> Any:
+    if isinstance(x, np.ndarray) and x.size > MAX_COUNTEREXAMPLE_ELEMENTS:
+        flat = x.reshape(-1)
+        wide = flat.astype(np.float64) if x.dtype == DTYPES["bfloat16"] else flat
+        fin = wide[np.isfinite(wide)] if wide.dtype.kind == "f" else wide
+        return {"elided": True, "dtype": str(x.dtype), "shape": list(x.shape),
+                "min": jsonable(fin.min()) if fin.size else None,
+                "max": jsonable(fin.max()) if fin.size else None,
+                "first": jsonable(wide[:8].tolist()),
+                "note": "array elided in the report; the reproduce command replays it"}
+    if isinstance(x, Call):
+        return Call(tuple(_compact(a) for a in x.args),
+                    {k: _compact(v) for k, v in x.kwargs.items()})
+    if isinstance(x, (tuple, list)):
+        return type(x)(_compact(a) for a in x)
+    if isinstance(x, dict):
+        return {k: _compact(v) for k, v in x.items()}
+    return x
+
+
 def jsonable(x: Any) -> Any:
     """Arrays, calls and scalars as JSON-safe data (non-finite floats as strings such as
     ``"nan"``/``"inf"``, arrays as ``{"array", "dtype", "shape"}``; anything else by repr)."""
@@ -540,7 +565,7 @@ def run_target(backend: Any, target: Target, config: Settings,
         failure = stats.failure if status in ("fail", "error") else stats.deviation if (
             status == "deviation") else None
         if failure is not None:
-            result["counterexample"] = jsonable(failure)
+            result["counterexample"] = jsonable(_compact(failure))
             result["reproduce"] = reproduce_command(target, config)
         if host is not None:
             out = host.output_since(mark)
@@ -663,7 +688,10 @@ def run_target(backend: Any, target: Target, config: Settings,
     test = settings(
         max_examples=config.examples, deadline=None, database=None, derandomize=False,
         print_blob=False, report_multiple_bugs=False,
-        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        # a large-tier example costs seconds and its sizes already start at the boundary
+        # values a shrink would seek: no shrinking there
+        phases=(Phase.explicit, Phase.reuse, Phase.generate) + (
+            (Phase.shrink,) if config.shapes != "large" else ()),
         suppress_health_check=list(HealthCheck),
     )(seed(_seed_of(target, config.seed))(given(st.data())(example)))
 
