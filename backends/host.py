@@ -187,6 +187,13 @@ def _die_with_parent() -> None:
 
 
 def main(fd: int) -> None:
+    # ``python -m`` put the working directory first on sys.path; the ``lmspec`` command
+    # does not, and a project directory named like its package would shadow the
+    # installed plugin (a namespace package without the hook). Modules outside the
+    # installed packages come through PYTHONPATH, as for ``lmspec`` itself.
+    if sys.path and sys.path[0] in ("", os.getcwd()) and sys.path[0] not in os.environ.get(
+            "PYTHONPATH", "").split(os.pathsep):
+        sys.path.pop(0)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the judge decides when a run stops
     conn = Connection(socket.socket(fileno=fd).detach())
