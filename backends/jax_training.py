@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from lmspec import Deviation
 
 IGNORE = -100
 
@@ -23,6 +27,44 @@ NOTES = {
     "sample_token": "inverse-CDF sampling composed from jax.nn.softmax of (logits − max)/T, "
     "a stable descending jnp.argsort, jnp.cumsum and jnp.where; temperature 0 is "
     "jnp.argmax.",
+}
+
+
+
+def _power_sum_leaves_range(args, kwargs) -> bool:
+    """Some nonzero ``|g|^p`` (finite ``p``) overflows the dtype's range once summed, or
+    underflows below its smallest normal number."""
+    p = kwargs.get("norm_type", 2.0)
+    if np.isinf(p):
+        return False
+    for g in args[0]:
+        a = np.abs(np.asarray(g, dtype=np.float64))
+        a = a[a > 0]
+        if a.size == 0:
+            continue
+        info = ml_dtypes.finfo(np.asarray(g).dtype)
+        logs = p * np.log(a)
+        if (logs.max() + np.log(sum(x.size for x in args[0])) >= np.log(float(info.max))
+                or logs.min() <= np.log(float(info.tiny))):
+            return True
+    return False
+
+
+DEVIATIONS = {
+    "clip_grad_norm/forward": Deviation(
+        "jnp.linalg.norm(ord=p) sums |g|^p without rescaling, so the total norm is inf (all "
+        "gradients clipped to 0) or 0 (nothing clipped) where |g|^p over- or underflows "
+        "although the norm is representable; measured: float32, p = 2, gradients of "
+        "magnitude ≈ 1e19 come back 0 where the spec gives 2.88e17 after clipping; float64 "
+        "|g| ≈ 1e-154 gives total_norm 0 where the spec gives 1.05e-154. Covered: examples "
+        "with some nonzero |g|^p outside the dtype's normal range.",
+        applies=_power_sum_leaves_range),
+    "distillation_loss/vjp/float16": (
+        "jax.vjp of the KL term p·(log p − log q) multiplies the cotangent by (log p − log q) "
+        "before the factor p; in float16 that product overflows to inf once "
+        "|cot|·(1 − α)·T²/N·|ln p − ln q| > 65504, although the gradient is representable. "
+        "Measured: grad teacher_logits −inf where the spec gives −2186 (the same example and "
+        "mechanism as torch's F.kl_div backward)."),
 }
 
 STATIC = {
