@@ -17,8 +17,8 @@ Requests are tuples ``(verb, *payload)``; every reply is ``("ok", value)`` or
 ``("available", name)`` / ``("info", name)``
     the backend's ``available()`` / ``info()`` (JSON-safe, bounded).
 ``("call", name, method, args, kwargs)``
-    ``backend.method(*args, **kwargs)``; value: ``(result, args, kwargs)`` — the
-    arguments as the backend left them, so that the judge sees any modification.
+    ``backend.method(*args, **kwargs)``; value: ``(result, changed)`` — the paths of
+    the input arrays the backend modified (see :meth:`Host.call`).
 ``("applies", name, key, args, kwargs)``
     a declared deviation's predicate on one example.
 
@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from importlib import metadata
 from multiprocessing.connection import Connection
 from typing import Any
@@ -68,6 +69,23 @@ def _plain(x: Any, depth: int = 0) -> Any:
     if isinstance(x, dict):
         return {str(k): _plain(v, depth + 1) for k, v in x.items()}
     return np.asarray(x)  # tensors and other array-likes
+
+
+def _fingerprints(x: Any, path: tuple = ()) -> list[tuple[tuple, tuple]]:
+    """``(path, (shape, dtype, crc32 of the bytes))`` of every array in ``(args,
+    kwargs)``; paths start with ``"args"`` or ``"kwargs"``."""
+    import numpy as np
+
+    if not path:
+        args, kwargs = x
+        return _fingerprints(args, ("args",)) + _fingerprints(kwargs, ("kwargs",))
+    if isinstance(x, np.ndarray):
+        return [(path, (x.shape, x.dtype.str, zlib.crc32(x.tobytes())))]
+    if isinstance(x, (tuple, list)):
+        return [p for i, a in enumerate(x) for p in _fingerprints(a, (*path, i))]
+    if isinstance(x, dict):
+        return [p for k, v in x.items() for p in _fingerprints(v, (*path, str(k)))]
+    return []
 
 
 def _jsonable(x: Any) -> Any:
@@ -149,8 +167,15 @@ class Host:
         return _jsonable(dict(fn())) if callable(fn) else {}
 
     def call(self, name: str, method: str, args: tuple, kwargs: dict) -> Any:
+        """``(output, changed)``: ``changed`` lists the paths (``("args", 0)``,
+        ``("kwargs", "mask")``, ``("args", 3, 1)`` …) of the input arrays the backend
+        modified, found by fingerprinting them before and after the call (the judge
+        keeps its own originals: this only names a breach of CONTRACT §3)."""
+        before = dict(_fingerprints((args, kwargs)))
         out = getattr(self.backend(name), method)(*args, **kwargs)
-        return _plain(out), args, kwargs
+        after = dict(_fingerprints((args, kwargs)))
+        changed = [path for path, fp in before.items() if after.get(path) != fp]
+        return _plain(out), changed
 
     def applies(self, name: str, key: str, args: tuple, kwargs: dict) -> bool:
         dev = dict(getattr(self.backend(name), "deviations", None) or {})[key]

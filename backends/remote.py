@@ -27,8 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
-
 DEFAULT_TIMEOUT_S = 30.0
 """Default limit on one backend call (``lmspec run --timeout``)."""
 
@@ -41,6 +39,15 @@ MAX_OUTPUT = 4000
 
 class BackendRaised(Exception):
     """The backend raised an exception (status ``error``)."""
+
+
+class InputModified(Exception):
+    """The backend modified one of its input arrays (``path``: ``("args", i, …)`` or
+    ``("kwargs", name, …)``)."""
+
+    def __init__(self, path: tuple):
+        super().__init__(path)
+        self.path = path
 
 
 class BackendFatal(Exception):
@@ -231,9 +238,8 @@ class RemoteBackend:
     """A backend served by a :class:`HostProcess`, with the backend's own interface.
 
     ``getattr(remote, op)`` exists exactly when the backend implements ``op``; calling
-    it sends copies of the arguments to the host and writes the arguments as the backend
-    left them back into those copies, so the harness's input check sees what the
-    backend did to its buffers.
+    it sends the arguments to the host (a copy, by pickling) and raises
+    :class:`InputModified` when the host saw the backend change one of them.
     """
 
     def __init__(self, descriptor: Mapping[str, Any], host: HostProcess):
@@ -256,10 +262,9 @@ class RemoteBackend:
 
     def _method(self, method: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            out, args_after, kwargs_after = self.host.request(
-                ("call", self.name, method, args, kwargs))
-            write_back(args, args_after)
-            write_back(kwargs, kwargs_after)
+            out, changed = self.host.request(("call", self.name, method, args, kwargs))
+            if changed:
+                raise InputModified(tuple(changed[0]))
             return out
 
         call.__name__ = method
@@ -278,27 +283,6 @@ class _RemoteDeviation:
         self.reason = reason
         self.applies = (lambda args, kwargs: bool(backend.host.request(
             ("applies", backend.name, key, tuple(args), dict(kwargs))))) if predicate else None
-
-
-def write_back(sent: Any, after: Any) -> None:
-    """Copy the host's view of the arguments into the judge's copies, so that the
-    harness's input check sees what the backend did to its buffers. A buffer whose
-    shape or dtype the backend changed is spoilt (NaN, or its bits inverted) so that the
-    check sees a modification too."""
-    if isinstance(sent, np.ndarray):
-        if isinstance(after, np.ndarray) and after.shape == sent.shape and (
-                after.dtype == sent.dtype):
-            np.copyto(sent, after)
-        elif sent.dtype.kind in "fc":
-            sent.fill(np.nan)
-        elif sent.dtype.kind in "iub":
-            np.invert(sent, out=sent)
-    elif isinstance(sent, (tuple, list)) and isinstance(after, (tuple, list)):
-        for s, a in zip(sent, after):
-            write_back(s, a)
-    elif isinstance(sent, dict) and isinstance(after, dict):
-        for k, s in sent.items():
-            write_back(s, after.get(k))
 
 
 def ask_all(hosts: Sequence[HostProcess], messages: Sequence[tuple],

@@ -27,7 +27,12 @@ from hypothesis.errors import HypothesisException
 import lmspec
 from lmspec._precision import DTYPES, computing_in
 from lmspec.backends.host import MAX_MESSAGE, cut
-from lmspec.backends.remote import DEFAULT_TIMEOUT_S, BackendFatal, BackendRaised
+from lmspec.backends.remote import (
+    DEFAULT_TIMEOUT_S,
+    BackendFatal,
+    BackendRaised,
+    InputModified,
+)
 
 from . import tolerance
 from .declare import CASES, PROPERTIES, Call, Close, Holds, OpCases
@@ -189,20 +194,34 @@ def _modified(before: Any, after: Any, name: str) -> str | None:
     return None
 
 
+def _path_name(path: Sequence[Any], names: Sequence[str]) -> str:
+    """``("args", 3, 1)`` → ``weights[1]`` (with ``names`` the positional names)."""
+    head, *rest = path[1:] if path and path[0] in ("args", "kwargs") else path
+    base = names[head] if path[0] == "args" and isinstance(head, int) and head < len(
+        names) else str(head)
+    return base + "".join(f"[{i}]" for i in rest)
+
+
 def call_backend(fn: Callable[..., Any], what: str, timeout: float, names: Sequence[str],
                  args: Sequence[Any], kwargs: dict[str, Any], owner: str = "the backend") -> Any:
     """``fn(*args, **kwargs)`` on copies of the arguments; the originals are what the
     reference, the baseline and the tolerance use. A backend that changes a buffer it
-    was given is an ``error`` (CONTRACT §3), whatever its output."""
-    a, kw = _copy(tuple(args)), _copy(dict(kwargs))
+    was given is an ``error`` (CONTRACT §3), whatever its output. A backend in a host
+    process gets copies by pickling, and its host names any array the backend changed;
+    an in-process one gets copies here, compared with the originals after the call."""
+    remote = getattr(fn, "remote", False)
+    a, kw = (tuple(args), dict(kwargs)) if remote else (_copy(tuple(args)), _copy(dict(kwargs)))
     try:
-        if getattr(fn, "remote", False):  # the host enforces the timeout by killing
+        if remote:  # the host enforces the timeout by killing
             out = fn(*a, **kw)
         else:
             with _time_limit(timeout):
                 out = fn(*a, **kw)
     except NotImplementedError as exc:
         raise _Unsupported(str(exc) or "NotImplementedError") from exc
+    except InputModified as exc:
+        raise _BackendError(f"{owner} modified its input {_path_name(exc.path, names)} "
+                            "(backends must not modify their inputs, CONTRACT §3)") from None
     except BackendFatal as exc:
         raise _Fatal(f"{what}: {exc}") from None
     except _Timeout as exc:
@@ -210,16 +229,17 @@ def call_backend(fn: Callable[..., Any], what: str, timeout: float, names: Seque
     except Exception as exc:  # noqa: BLE001 - any backend failure is an "error" result
         text = str(exc) if isinstance(exc, BackendRaised) else f"{type(exc).__name__}: {exc}"
         raise _BackendError(f"{what} raised {cut(text)}") from exc
-    for i, (orig, mine) in enumerate(zip(args, a)):
-        hit = _modified(orig, mine, names[i] if i < len(names) else f"args[{i}]")
-        if hit:
-            raise _BackendError(f"{owner} modified its input {hit} (backends must not "
-                                "modify their inputs, CONTRACT §3)")
-    for key, orig in kwargs.items():
-        hit = _modified(orig, kw.get(key), key)
-        if hit:
-            raise _BackendError(f"{owner} modified its input {hit} (backends must not "
-                                "modify their inputs, CONTRACT §3)")
+    if not remote:
+        for i, (orig, mine) in enumerate(zip(args, a)):
+            hit = _modified(orig, mine, names[i] if i < len(names) else f"args[{i}]")
+            if hit:
+                raise _BackendError(f"{owner} modified its input {hit} (backends must not "
+                                    "modify their inputs, CONTRACT §3)")
+        for key, orig in kwargs.items():
+            hit = _modified(orig, kw.get(key), key)
+            if hit:
+                raise _BackendError(f"{owner} modified its input {hit} (backends must not "
+                                    "modify their inputs, CONTRACT §3)")
     return out
 
 
@@ -750,7 +770,12 @@ class _Vjp:
         self.remote = getattr(vjp, "remote", False)
 
     def __call__(self, *a: Any, **k: Any) -> Any:
-        return self.vjp(self.op, a[:-1], k, a[-1])
+        try:
+            return self.vjp(self.op, a[:-1], k, a[-1])
+        except InputModified as exc:  # the host's path is within vjp(op, args, kwargs, cot)
+            where, *rest = exc.path[1:]
+            path = {1: ("args", *rest), 2: ("kwargs", *rest), 3: ("args", len(a) - 1, *rest)}
+            raise InputModified(path.get(where, exc.path)) from None
 
 
 def deviation_for(deviations: Mapping[str, Any], t: Target) -> Any:
