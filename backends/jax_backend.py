@@ -38,6 +38,7 @@ import lmspec
 from lmspec._precision import DTYPES
 
 _CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
+_OPS_KEPT = 3
 
 
 class _Leaf:
@@ -139,6 +140,7 @@ class JaxBackend:
         self.device = device
         self.dtypes = tuple(dtypes)
         self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._recent_ops: list[str] = []
 
     # -- discovery ---------------------------------------------------------------
     @cached_property
@@ -254,6 +256,16 @@ class JaxBackend:
         return targs, tkw, leaves
 
     def _jitted(self, key: Any, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+        """The jitted function for ``key`` (``(op, mode, template…)``). Every shape leaves an
+        executable in memory, and a whole conformance run in one process exhausted memory
+        (LLVM: cannot allocate memory), so the in-memory caches are dropped once calls have
+        moved through more than ``_OPS_KEPT`` ops; the persistent cache keeps the programs."""
+        if key[0] not in self._recent_ops:
+            self._recent_ops.append(key[0])
+            if len(self._recent_ops) > _OPS_KEPT:
+                self._compiled.clear()
+                self._jax.clear_caches()
+                self._recent_ops = [key[0]]
         fn = self._compiled.get(key)
         if fn is None:
             fn = self._compiled[key] = self._jax.jit(make())
