@@ -103,22 +103,27 @@ class Entry:
 class BackendTable:
     """Every backend of the given sources, each loaded in a host of its own plugin."""
 
-    def __init__(self, srcs: Sequence[Source], timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, srcs: Sequence[Source], timeout: float = DEFAULT_TIMEOUT_S,
+                 probe_timeout: float | None = None):
         self.timeout = timeout
+        self.probe_timeout = timeout if probe_timeout is None else probe_timeout
         self.entries: list[Entry] = []
         self.hosts: list[HostProcess] = []
         self._load(srcs)
 
     @classmethod
     def default(cls, extra_modules: Iterable[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
-                only_builtin: bool = False) -> BackendTable:
+                only_builtin: bool = False, probe_timeout: float | None = None
+                ) -> BackendTable:
         """All sources; ``only_builtin`` loads the built-in plugin alone (enough when
         every backend asked for has a reserved built-in name)."""
         srcs = sources(extra_modules)
-        return cls([s for s in srcs if s.builtin] if only_builtin else srcs, timeout)
+        return cls([s for s in srcs if s.builtin] if only_builtin else srcs, timeout,
+                   probe_timeout)
 
     def _load(self, srcs: Sequence[Source]) -> None:
-        hosts = [HostProcess([(s.kind, s.target)], self.timeout) for s in srcs]
+        hosts = [HostProcess([(s.kind, s.target)], self.timeout,
+                             load_timeout=max(self.probe_timeout, 60.0)) for s in srcs]
         for h in hosts:
             h.spawn()
         for src, host in zip(srcs, hosts):
@@ -139,7 +144,7 @@ class BackendTable:
         todo = [e for e in (self.entries if entries is None else entries)
                 if e.loaded and e.status == "ok" and not e.info]
         answers = ask_all([e.host for e in todo], [("available", e.name) for e in todo],
-                          self.timeout)  # type: ignore[misc]
+                          self.probe_timeout)  # type: ignore[misc]
         for e, ans in zip(todo, answers):
             if isinstance(ans, BaseException):
                 e.status = f"unavailable: available() {_failure(ans)}"
@@ -147,7 +152,7 @@ class BackendTable:
                 e.status = f"unavailable: {ans[1] or 'reason not given'}"
         live = [e for e in todo if e.ok]
         infos = ask_all([e.host for e in live], [("info", e.name) for e in live],
-                        self.timeout)  # type: ignore[misc]
+                        self.probe_timeout)  # type: ignore[misc]
         for e, ans in zip(live, infos):
             e.info = {"error": f"info() {_failure(ans)}"} if isinstance(
                 ans, BaseException) else dict(ans)

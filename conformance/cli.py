@@ -33,8 +33,12 @@ def _table(args: argparse.Namespace, names: Sequence[str] = ()):
     from lmspec.backends.registry import BUILTIN_NAMES
 
     only_builtin = bool(names) and all(n in BUILTIN_NAMES for n in names)
-    return BackendTable.default(args.plugin, getattr(args, "timeout", None) or 30.0,
-                                only_builtin=only_builtin)
+    timeout = getattr(args, "timeout", None) or 30.0
+    # `lmspec backends --timeout` bounds loading and available(); `lmspec run --timeout`
+    # bounds each op call, and the first available() (an engine's import) gets a minute
+    probe = timeout if args.command == "backends" else max(timeout, 60.0)
+    return BackendTable.default(args.plugin, timeout, only_builtin=only_builtin,
+                                probe_timeout=probe)
 
 
 # -- lmspec backends -------------------------------------------------------------------
