@@ -151,6 +151,30 @@ def integer(op: str, name: str, value: object, *, low: int | None = None,
     return int(value)
 
 
+def scores_mask(op: str, m: object, full: tuple[int, int, int, int]) -> np.ndarray | None:
+    """An attention ``mask`` (True = attend) that broadcasts to the score matrix
+    ``[B, h, L, S]`` = ``full``, or ``None``."""
+    out = mask(op, "mask", m)
+    if out is not None:
+        try:
+            ok = out.ndim <= 4 and np.broadcast_shapes(out.shape, full) == full
+        except ValueError:
+            ok = False
+        if not ok:
+            fail(op, "mask", f"a shape that broadcasts to [B, h, L, S] = {list(full)}",
+                 f"shape {out.shape}")
+    return out
+
+
+def default_scale(op: str, q: np.ndarray, scale: object) -> object:
+    """SDPA's ``scale``: ``1/√E`` when ``None`` (``E`` = the last axis of ``q``, ≥ 1)."""
+    if scale is not None:
+        return scale
+    if q.shape[-1] == 0:
+        fail(op, "q", "a non-empty last axis (E >= 1)", f"shape {q.shape}")
+    return 1.0 / float(np.sqrt(q.shape[-1]))
+
+
 def real(op: str, name: str, value: object, *, low: float | None = None, high: float | None = None,
          low_open: bool = False, finite: bool = False) -> float:
     """A real scalar in ``[low, high]`` (``(low, high]`` with ``low_open``; never NaN, and

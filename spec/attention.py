@@ -319,20 +319,9 @@ def _check_sdpa(q, k, v_, mask, is_causal, scale):
     v.positive_dims(op, "k", k, {2: "S"})
     full = (b, h, n_q, k.shape[2])
     v.budget(op, "k", math.prod(full), "score matrix [B, h, L, S]")
-    m = v.mask(op, "mask", mask)
-    if m is not None:
-        try:
-            ok = m.ndim <= 4 and np.broadcast_shapes(m.shape, full) == full
-        except ValueError:
-            ok = False
-        if not ok:
-            v.fail(op, "mask", f"a shape that broadcasts to [B, h, L, S] = {list(full)}",
-                   f"shape {m.shape}")
+    m = v.scores_mask(op, mask, full)
     causal = _flag(op, "is_causal", is_causal)
-    if scale is None:
-        if e == 0:
-            v.fail(op, "q", "a non-empty last axis (E >= 1)", f"shape {q.shape}")
-        scale = 1.0 / math.sqrt(e)
+    scale = v.default_scale(op, q, scale)
     s = v.real(op, "scale", scale, finite=True)
     allow = _and(m, _causal(n_q, k.shape[2]) if causal else None)
     return q, k, vv, allow, s

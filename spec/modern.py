@@ -270,20 +270,9 @@ def _check_gqa(q, k, v_, mask, is_causal, scale, q_offset, window, alibi_slopes,
     v.budget(op, "k", b * h * n_q * n_k, "score matrix [B, h, L, S]")
     vv = v.floats(op, "v", v_, shape=(b, g, n_k, None))
     full = (b, h, n_q, n_k)
-    m = v.mask(op, "mask", mask)
-    if m is not None:
-        try:
-            ok = m.ndim <= 4 and np.broadcast_shapes(m.shape, full) == full
-        except ValueError:
-            ok = False
-        if not ok:
-            v.fail(op, "mask", f"a shape that broadcasts to [B, h, L, S] = {list(full)}",
-                   f"shape {m.shape}")
+    m = v.scores_mask(op, mask, full)
     causal = _flag(op, "is_causal", is_causal)
-    if scale is None:
-        if e == 0:
-            v.fail(op, "q", "a non-empty last axis (E >= 1)", f"shape {qq.shape}")
-        scale = 1.0 / math.sqrt(e)
+    scale = v.default_scale(op, qq, scale)
     s = _finite(op, "scale", scale)
     off = v.integer(op, "q_offset", q_offset)
     win = _check_window(op, window)
