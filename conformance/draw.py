@@ -10,6 +10,8 @@ dtype can carry a value below 1 up to 1 (bfloat16: ``1 − 2⁻⁹``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -34,6 +36,35 @@ def below_one(u: np.ndarray | float, dtype: str) -> np.ndarray:
     return np.where(r >= 1, top, r).astype(r.dtype)
 
 
+@lru_cache(maxsize=4096)
+def _elements(lo: float, hi: float) -> st.SearchStrategy[float]:
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+@lru_cache(maxsize=4096)
+def _special(lo: float, hi: float) -> st.SearchStrategy[float]:
+    return st.sampled_from(sorted({lo, hi, min(max(0.0, lo), hi)})) | _elements(lo, hi)
+
+
+@lru_cache(maxsize=4096)
+def _array(dtype: type, shape: tuple[int, ...], elements: st.SearchStrategy[Any]
+           ) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(dtype, shape, elements=elements)
+
+
+@lru_cache(maxsize=4096)
+def _integers(lo: int, hi: int) -> st.SearchStrategy[int]:
+    return st.integers(lo, hi)
+
+
+@lru_cache(maxsize=4096)
+def _sampled(values: tuple[Any, ...]) -> st.SearchStrategy[Any]:
+    return st.sampled_from(values)
+
+
+_SEED = st.integers(0, 2**63 - 1)
+_BOOLEANS = st.booleans()
+
 ELEMENTWISE_MAX = 8
 """Arrays of up to this many elements are drawn element by element (Hypothesis shrinks
 each value); larger ones from a seed that Hypothesis draws, plus a few elements that it
@@ -54,15 +85,14 @@ def floats(draw, dtype: str, shape: Sequence[int], lo: float = -3.0, hi: float =
     """
     shape = tuple(int(n) for n in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    elems = st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+    lo, hi = float(lo), float(hi)
     if n <= ELEMENTWISE_MAX:
-        return as_dtype(draw(hnp.arrays(np.float64, shape, elements=elems), label=label), dtype)
-    seed = draw(st.integers(0, 2**63 - 1), label=f"{label} seed")
+        return as_dtype(draw(_array(np.float64, shape, _elements(lo, hi)), label=label), dtype)
+    seed = draw(_SEED, label=f"{label} seed")
     raw = np.random.default_rng(seed).uniform(lo, hi, size=shape)
-    special = st.sampled_from(sorted({lo, hi, min(max(0.0, lo), hi)})) | elems
-    for _ in range(draw(st.integers(0, 4), label=f"{label} placed")):
-        raw.flat[draw(st.integers(0, n - 1), label=f"{label} at")] = draw(special,
-                                                                         label=f"{label} value")
+    for _ in range(draw(_integers(0, 4), label=f"{label} placed")):
+        raw.flat[draw(_integers(0, n - 1), label=f"{label} at")] = draw(
+            _special(lo, hi), label=f"{label} value")
     return as_dtype(raw, dtype)
 
 
@@ -73,7 +103,7 @@ def logits(draw, dtype: str, shape: Sequence[int], *, label: str = "logits",
            regimes: Sequence[str] = REGIMES) -> np.ndarray:
     """Logit-like values in one of several regimes: ordinary, huge magnitude (overflows a
     naive ``exp``), very negative (underflows), ties, tiny."""
-    regime = draw(st.sampled_from(list(regimes)), label=f"{label} regime")
+    regime = draw(_sampled(tuple(regimes)), label=f"{label} regime")
     big = min(FINITE_MAX[dtype] / 4, 1e4)
     if regime == "normal":
         return floats(draw, dtype, shape, -5, 5, label=label)
@@ -83,20 +113,21 @@ def logits(draw, dtype: str, shape: Sequence[int], *, label: str = "logits",
         return floats(draw, dtype, shape, -big, -big / 2, label=label)
     if regime == "tiny":
         return floats(draw, dtype, shape, -1e-3, 1e-3, label=label)
-    vals = st.sampled_from([-1.0, 0.0, 2.0])
-    raw = draw(hnp.arrays(np.float64, tuple(shape), elements=vals), label=label)
+    raw = draw(_array(np.float64, tuple(int(n) for n in shape), _sampled((-1.0, 0.0, 2.0))),
+               label=label)
     return as_dtype(raw, dtype)
 
 
 def ints(draw, shape: Sequence[int], high: int, *, low: int = 0, label: str = "ids") -> np.ndarray:
     """An int64 array of ids in ``[low, high)``."""
-    raw = draw(hnp.arrays(np.int64, tuple(shape), elements=st.integers(low, high - 1)), label=label)
+    raw = draw(_array(np.int64, tuple(int(n) for n in shape), _integers(int(low), int(high) - 1)),
+               label=label)
     return raw.astype(np.int64)
 
 
 def bools(draw, shape: Sequence[int], *, label: str = "mask") -> np.ndarray:
-    return draw(hnp.arrays(np.bool_, tuple(shape), elements=st.booleans()), label=label)
+    return draw(_array(np.bool_, tuple(int(n) for n in shape), _BOOLEANS), label=label)
 
 
 def dim(draw, lo: int, hi: int, *, label: str) -> int:
-    return draw(st.integers(lo, hi), label=label)
+    return draw(_integers(int(lo), int(hi)), label=label)
