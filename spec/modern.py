@@ -305,33 +305,46 @@ def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
     ``s ← c·tanh(s/c)``, biased ``s −= slope·|rel|``, ``O = softmax_visible(s) V``.
     Pullback: the attention pullback gives ``∂s``; the bias is constant; the cap
     multiplies by ``1 − tanh²``; ``∂q = scale·∂s K``, ``∂K = scale·∂sᵀ q`` and ``∂V = Pᵀ ∂O``
-    are summed over the ``h/g`` query heads that share a key/value head."""
-    b, h = q.shape[:2]
-    g = k.shape[1]
+    are summed over the ``h/g`` query heads that share a key/value head.
+
+    The ``h/g`` query heads of a group are stacked along the rows (``[B, g, (h/g)·L, E]``,
+    a free reshape of ``[B, h, L, E]``), so each product is one GEMM per key/value head
+    against the unrepeated keys and values, and the sums over a group fall out of the
+    products ``∂sᵀ q`` and ``Pᵀ ∂O``."""
+    b, h, n_q, e = q.shape
+    g, n_k = k.shape[1], k.shape[2]
     rep = h // g
-    ke, ve = np.repeat(k, rep, axis=1), np.repeat(v_, rep, axis=1)
-    s = (q @ np.swapaxes(ke, -1, -2)) * fl(scale)
+
+    def grouped(x):  # [B, h, L, ·] -> [B, g, (h/g)·L, ·]
+        return x.reshape(b, g, rep * n_q, x.shape[-1])
+
+    def per_head(x):  # [B, g, (h/g)·L, ·] -> [B, h, L, ·]
+        return x.reshape(b, h, n_q, x.shape[-1])
+
+    qg = grouped(np.ascontiguousarray(q))
+    s = qg @ np.swapaxes(k, -1, -2)
+    s *= fl(scale)
     t = None
     if cap is not None:
         t = np.tanh(s / fl(cap))
         s = fl(cap) * t
     if slopes is not None:
         sl = slopes[None, :] if slopes.ndim == 1 else slopes
-        s = s - sl[:, :, None, None] * fl(np.abs(rel))
-    (out, _), attend_back = _attend_fwd(s, allow, ve, overwrite=True)
-
-    def fold(x):  # [B, h, ...] -> [B, g, ...] summed over the heads of each group
-        return x.reshape(b, g, rep, *x.shape[2:]).sum(axis=2)
+        s = grouped(per_head(s) - sl[:, :, None, None] * fl(np.abs(rel)))
+    allow_g = None if allow is None else grouped(np.ascontiguousarray(allow))
+    (out, _), attend_back = _attend_fwd(s, allow_g, v_, overwrite=True)
 
     def back(d_out):
-        ds, dve = attend_back(d_out)
+        ds, dv = attend_back(grouped(np.ascontiguousarray(d_out)))
         if t is not None:
-            ds = ds * (1 - t * t)
-        dq = (ds @ ke) * fl(scale)
-        dk = (np.swapaxes(ds, -1, -2) @ q) * fl(scale)
-        return {"q": dq, "k": fold(dk), "v": fold(dve)}
+            ds *= 1 - t * t
+        dq = ds @ k
+        dq *= fl(scale)
+        dk = np.swapaxes(ds, -1, -2) @ qg
+        dk *= fl(scale)
+        return {"q": per_head(dq), "k": dk, "v": dv}
 
-    return out, back
+    return per_head(out), back
 
 
 @reference("modern", diff=("q", "k", "v"))
