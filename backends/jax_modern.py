@@ -35,7 +35,9 @@ NOTES = {
     "jnp.tanh and jax.nn.softmax(where=visible), as Gemma 2's JAX code writes it.",
     "fused_linear_cross_entropy": "JAX has no fused linear-cross-entropy function: matmul, "
     "softcap·jnp.tanh(z/softcap), the cross-entropy of jax_core (from jax.nn.log_softmax) "
-    "and, for z_loss > 0, jax.scipy.special.logsumexp squared, averaged over the kept rows.",
+    "and, for z_loss > 0, the mean over the kept rows of z_loss·lse², lse = "
+    "jax.scipy.special.logsumexp, summed as lse·(z_loss·lse/n) so that no float16 summand "
+    "exceeds the result.",
 }
 
 STATIC = {"fused_linear_cross_entropy": ("label_smoothing", "z_loss")}
@@ -147,7 +149,10 @@ def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=
     if z_loss:
         keep = targets != ignore_index
         lse = logsumexp(z, axis=-1)
-        # (z_loss·lse)·lse: lse² alone overflows float16 from lse ≈ 256 on
-        sq = jnp.where(keep, (z_loss * lse) * lse, jnp.zeros_like(lse))
-        loss = loss + jnp.sum(sq) / jnp.maximum(jnp.sum(keep), 1).astype(z.dtype)
+        # lse·(z_loss·lse/n): every summand is at most the mean itself, so float16 overflows
+        # only where the result does (lse² alone overflows from |lse| ≈ 256, and the sum
+        # of the kept rows' terms before dividing by n from n·z_loss·lse² ≈ 65504)
+        n = jnp.maximum(jnp.sum(keep), 1).astype(z.dtype)
+        terms = lse * (z_loss * lse / n)
+        loss = loss + jnp.sum(jnp.where(keep, terms, jnp.zeros_like(terms)))
     return loss
