@@ -31,11 +31,22 @@ least ``max|r̃ − r| / u`` over reference evaluations ``r̃`` on such perturbe
    algorithm is declared per op in :data:`LITERAL` (one entry: the exponent ``1/p`` of
    the p-norm, see :func:`_clip_literal`).
 
+5. **activations of the literal formula**: once more on the unperturbed inputs with
+   every output of ``tanh`` and ``σ`` moved one rounding toward zero (``h·(1 − u)``,
+   :func:`lmspec._precision.rounding_activations`), for the ops of :data:`ACTIVATED`.
+   Implementations compute ``1 − tanh²`` and ``σ(1 − σ)`` from the activation's output;
+   near saturation a ``tanh`` one rounding off (``−1 + u`` where the correctly rounded
+   value is ``−1``) turns a derivative of exactly 0 into ``2u``, and no perturbation of
+   the inputs moves a saturated activation. XLA's float64 ``tanh`` on the CPU gives
+   ``tanh(−19.38) = −1 + 7u`` (exactly ``−1 + 2.7e-17``), and ``window_lm``'s ``∂E``
+   ``−2.2e-13`` against an exact ``0``: twice the floor without this evaluation, a
+   fifth of it with (the floor allows ``C_FLOOR·√k`` of the rounding measured).
+
 The cotangent of a vjp check is perturbed like an input. Signs are seeded by the bytes
 of the inputs, so a check is deterministic. Ops with integer outputs (``compare``
 declared) and calls without any float data get no evaluations. Cost: four reference
-evaluations per example (plus one per evaluation whose scalars left the domain and one
-per literal constant), against two for the normwise pair alone.
+evaluations per example (plus one per evaluation whose scalars left the domain, one per
+literal constant and one for the activations), against two for the normwise pair alone.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from typing import Any
 import numpy as np
 
 import lmspec
-from lmspec._precision import DTYPES, UNIT_ROUNDOFF
+from lmspec._precision import DTYPES, UNIT_ROUNDOFF, rounding_activations
 
 from .declare import CASES, Call
 
@@ -220,6 +231,14 @@ IMPLICIT: dict[str, Callable[[Call], dict[str, float]]] = {
 """Per op: float hyperparameters the literal formula uses when a keyword is left at its
 default (``None``), made explicit so that the scalar perturbation moves them too."""
 
+ACTIVATED = frozenset({
+    "rnn_cell", "lstm_cell", "gru_cell", "rnn", "lstm", "gru", "window_lm", "rnn_lm_loss",
+    "text_classifier_loss", "additive_attention", "gated_mlp", "grouped_query_attention",
+    "fused_linear_cross_entropy"})
+"""The ops whose reference passes a ``tanh`` or ``σ`` output through
+:func:`lmspec._precision.activation` (for some of their inputs: ``rnn`` with ``relu``,
+GQA without ``softcap`` have none); tests/test_conditioning.py keeps the set exact."""
+
 LITERAL: dict[str, Callable[[Call, str, dict[str, Any]], list[Any]]] = {
     "clip_grad_norm": _clip_literal,
 }
@@ -294,6 +313,11 @@ def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None) -> lis
            evaluate(_shaker(normwise, u, s_norm, -1.0), -1.0),
            evaluate(_shaker(componentwise, u, s_comp, 1.0), -1.0),
            evaluate(_shaker(componentwise, u, s_comp, -1.0, checker=True), 1.0)]
+    if op in ACTIVATED:
+        with rounding_activations(-u) as moved:
+            rounded = evaluate(lambda a: a, 0.0)
+        if moved.hits:
+            out.append(rounded)
     if cot is None and op in LITERAL:
         try:
             out += LITERAL[op](call, dtype, kw)

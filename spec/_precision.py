@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -62,3 +63,41 @@ def dtype_name(dt: object) -> str:
         if d == known:
             return name
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {d}")
+
+
+@dataclass
+class _Rounding:
+    rel: float
+    hits: int = 0
+
+
+_ROUNDING: ContextVar[_Rounding | None] = ContextVar("lmspec_activation_rounding",
+                                                     default=None)
+
+
+@contextmanager
+def rounding_activations(rel: float) -> Iterator[_Rounding]:
+    """Within this block every output of a saturating activation (``tanh``, ``σ``) that a
+    reference formula passes through :func:`activation` is multiplied by ``1 + rel``; the
+    yielded record counts the arrays moved. The conformance harness measures with it how
+    far one rounding of a ``tanh`` or ``σ`` output may move a result: near saturation
+    ``1 − tanh²`` and ``σ(1 − σ)`` are computed from the activation's output, so a
+    correctly rounded ``tanh(−19.4) = −1`` gives a derivative of exactly 0 where
+    ``−1 + 2⁻⁵³`` gives ``2⁻⁵²``, a difference no perturbation of the inputs shows (see
+    conformance.conditioning)."""
+    record = _Rounding(float(rel))
+    token = _ROUNDING.set(record)
+    try:
+        yield record
+    finally:
+        _ROUNDING.reset(token)
+
+
+def activation(h: np.ndarray) -> np.ndarray:
+    """``h``, the output of ``tanh`` or ``σ`` just computed, as the formulas use it (and
+    its pullback reads it); moved in place inside :func:`rounding_activations`."""
+    r = _ROUNDING.get()
+    if r is not None and r.rel:
+        h *= 1 + r.rel
+        r.hits += 1
+    return h

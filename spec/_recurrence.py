@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ._precision import activation
+
 State = tuple[np.ndarray, ...]
 Weights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (W_ih, W_hh, b_ih, b_hh)
 
@@ -35,7 +37,7 @@ def _sigmoid(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     num = np.greater_equal(a, 0, out=np.empty_like(e), casting="unsafe")
     np.maximum(e, num, out=num)  # 1 where a ≥ 0, e^{−|a|} (NaN for NaN) elsewhere
     den = np.add(e, 1, out=out)
-    return np.divide(num, den, out=den)
+    return activation(np.divide(num, den, out=den))
 
 
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,7 +98,7 @@ def _rnn_scan(P, init: State, w: Weights, opts: dict[str, Any], order: range):
         if relu:
             np.maximum(a, 0, out=ys[t])
         else:
-            np.tanh(a, out=ys[t])
+            activation(np.tanh(a, out=ys[t]))
         h = ys[t]
     return ys, (h,), (P,)
 
@@ -152,13 +154,13 @@ def _lstm_scan(P, init: State, w: Weights, opts: dict[str, Any], order: range):
         rec += b_hh
         a += rec
         _sigmoid(a[:, :2 * H], out=a[:, :2 * H])  # i and f at once
-        np.tanh(a[:, 2 * H:3 * H], out=a[:, 2 * H:3 * H])
+        activation(np.tanh(a[:, 2 * H:3 * H], out=a[:, 2 * H:3 * H]))
         _sigmoid(a[:, 3 * H:], out=a[:, 3 * H:])
         si, sf, tg, so = _split(a, 4)
         np.multiply(sf, c, out=cs[t])
         np.multiply(si, tg, out=ig)
         cs[t] += ig
-        np.tanh(cs[t], out=tcs[t])
+        activation(np.tanh(cs[t], out=tcs[t]))
         np.multiply(so, tcs[t], out=ys[t])
         h, c = ys[t], cs[t]
     return ys, (h, c), (P, cs, tcs)
@@ -244,7 +246,7 @@ def _gru_scan(P, init: State, w: Weights, opts: dict[str, Any], order: range):
             np.matmul(hns[t], W_hh[2 * H:].T, out=buf)
             buf += b_hh[2 * H:]
         n += buf
-        np.tanh(n, out=n)
+        activation(np.tanh(n, out=n))
         np.subtract(1, z, out=buf)
         buf *= n
         np.multiply(z, h, out=ys[t])

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
-from ._precision import DTYPES, fl
+from ._precision import DTYPES, activation, fl
 
 Pullback = Callable[..., Any]
 _MHA_PARAMS = ("W_q", "W_k", "W_v", "b_q", "b_k", "b_v", "W_o", "b_o")
@@ -420,7 +420,7 @@ def _additive_fwd(query, keys, values, W_q, W_k, v_, mask):
     Wk = v.floats(op, "W_k", W_k, shape=(vv.shape[0], k.shape[2]))
     u, b_u = _linear_fwd(q, Wq, None)
     kk, b_k = _linear_fwd(k, Wk, None)
-    t = np.tanh(u[:, None, :] + kk)
+    t = activation(np.tanh(u[:, None, :] + kk))
     out, b_att = _single_query_fwd(t @ vv, m, vals)
 
     def back(cot):

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
-from ._precision import fl
+from ._precision import activation, fl
 from .attention import _activation_fwd, _attend_fwd, _linear_fwd
 from .core import log_softmax, logsumexp, softmax
 
@@ -161,7 +161,7 @@ GELU_TANH_C = 0.044715
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:
     e = np.exp(-np.abs(a))
-    return np.where(a >= 0, 1 / (1 + e), e / (1 + e))
+    return activation(np.where(a >= 0, 1 / (1 + e), e / (1 + e)))
 
 
 def _gate_fwd(a: np.ndarray, kind: str):
@@ -174,7 +174,7 @@ def _gate_fwd(a: np.ndarray, kind: str):
         s = _sigmoid(a)
         return a * s, lambda dy: dy * s * (1 + a * (1 - s))
     c, k = fl(math.sqrt(2 / math.pi)), fl(GELU_TANH_C)
-    t = np.tanh(c * (a + k * a * a * a))
+    t = activation(np.tanh(c * (a + k * a * a * a)))
     half = fl(0.5)
     return half * a * (1 + t), lambda dy: dy * (half * (1 + t) + half * a * (1 - t * t) * c
                                                 * (1 + 3 * k * a * a))
@@ -312,7 +312,7 @@ def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
     against the unrepeated keys and values, and the sums over a group fall out of the
     products ``∂sᵀ q`` and ``Pᵀ ∂O``."""
     b, h, n_q, e = q.shape
-    g, n_k = k.shape[1], k.shape[2]
+    g = k.shape[1]
     rep = h // g
 
     def grouped(x):  # [B, h, L, ·] -> [B, g, (h/g)·L, ·]
@@ -326,7 +326,7 @@ def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
     s *= fl(scale)
     t = None
     if cap is not None:
-        t = np.tanh(s / fl(cap))
+        t = activation(np.tanh(s / fl(cap)))
         s = fl(cap) * t
     if slopes is not None:
         sl = slopes[None, :] if slopes.ndim == 1 else slopes
@@ -411,7 +411,7 @@ def _flce_fwd(hidden, weight, targets, bias, ii, eps, zl, cap):
     z, lin_back = _linear_fwd(hidden, weight, bias)
     t = None
     if cap is not None:
-        t = np.tanh(z / fl(cap))
+        t = activation(np.tanh(z / fl(cap)))
         z = fl(cap) * t
     keep = targets != ii
     safe = np.where(keep, targets, 0)

@@ -42,7 +42,7 @@ import numpy as np
 
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
-from ._precision import fl
+from ._precision import activation, fl
 from ._recurrence import GRU as _GRU
 from ._recurrence import LSTM as _LSTM
 from ._recurrence import RNN as _RNN
@@ -382,7 +382,7 @@ def _check_window(context, E, W1, b1, W2, W3, b3):
 
 def _window_forward(ctx, E, W1, b1, W2, W3, b3):
     x = E[ctx].reshape(ctx.shape[0], -1)
-    hid = np.tanh(_affine(x, W1, b1))
+    hid = activation(np.tanh(_affine(x, W1, b1)))
     logits = _affine(hid, W2, b3) + (0 if W3 is None else x @ W3.T)
     return x, hid, logits
 
@@ -514,7 +514,7 @@ def _check_classifier(tokens, mask, labels, E, W, b, u):
 def _classifier_forward(tok, m, E, W, b, u):
     count = np.maximum(np.sum(m, axis=1), 1).astype(E.dtype)
     xbar = np.sum(E[tok] * m[..., None], axis=1) / count[:, None]
-    hid = np.tanh(_affine(xbar, W, b))
+    hid = activation(np.tanh(_affine(xbar, W, b)))
     return count, xbar, hid, hid @ u
 
 

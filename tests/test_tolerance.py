@@ -8,6 +8,8 @@ from fractions import Fraction
 import numpy as np
 from hypothesis import strategies as st
 
+from lmspec import OPS as lmspec_ops
+from lmspec import vjp as lmspec_vjp
 from lmspec._precision import UNIT_ROUNDOFF
 from lmspec.conformance import tolerance
 from lmspec.conformance.conditioning import (
@@ -148,3 +150,89 @@ def test_uniform_draws_stay_below_one_in_every_dtype():
     for dtype in ("float16", "bfloat16", "float32", "float64"):
         u = below_one(grid, dtype).astype(np.float64)
         assert u.max() < 1 and np.all(np.diff(u) >= 0)
+
+
+def _window_saturated() -> tuple[Call, np.ndarray]:
+    """The jax-cpu counterexample: ``window_lm`` with its hidden ``tanh`` saturated
+    (pre-activations −19.38 and −26.29, whose ``tanh`` rounds to exactly −1 in float64)."""
+    ctx = np.array([[0], [0]])
+    E = np.array([[-3.0, -1.3812797174167781], [-2.7541588563828316, -2.9008341868288254],
+                  [1.879621435201635, 2.47653346366633], [0.6398146546030792, 1.37697936590399],
+                  [0.261749948792537, 2.610434542726609]])
+    W1 = np.array([[6.0, 1.0], [6.0, 6.0]])
+    W2 = np.array([[1.6435402478574517, -2.7625594348335563],
+                   [-5.508317712765663, -5.801668373657651],
+                   [3.75924287040327, 4.95306692733266],
+                   [1.2796293092061584, 2.7539587318079803],
+                   [0.523499897585074, 5.220869085453218]])
+    cot = np.array([[0.047286498801026866, 1.8018547853037412, -1.423361549121465,
+                     1.7945977885489754, -0.7526741919580582],
+                    [-0.3066942041096974, 1.310810375281767, -0.3632034545233549,
+                     0.19837475069223798, -1.8897635470277265]])
+    return Call((ctx, E, W1, np.zeros(2), W2, None, np.zeros(5))), cot
+
+
+def test_a_saturated_tanh_rounded_as_xla_rounds_it_conforms():
+    """``∂E`` of ``window_lm`` computed, as every engine does, from ``1 − hid²``, with
+    XLA's float64 ``tanh`` on the CPU: ``tanh(−19.38) = −1 + 7·2⁻⁵³`` (the exact value is
+    ``−1 + 2.7e-17``; ``tanh(−26.29) = −1``). Input perturbations cannot move a saturated
+    ``tanh``, so without the activations' rounding the floor is too narrow (this is how
+    jax-cpu failed); with it, one rounding of ``tanh`` measured and the floor's ``C·√k``
+    of them allowed, it conforms — and a gradient off by 100 times as much still fails."""
+    call, cot = _window_saturated()
+    ctx, E, W1, b1, W2, _, _ = call.args
+    x = E[ctx].reshape(2, -1)
+    hid = np.tanh(x @ W1.T + b1)
+    hid[:, 0] += 7 * 2.0**-53  # XLA's value; hid[:, 1] stays −1 in XLA as well
+    dx = ((cot @ W2) * (1 - hid * hid)) @ W1
+    got = np.zeros_like(E)
+    np.add.at(got, ctx[:, 0], dx)
+    ref = np.asarray(lmspec_vjp("window_lm", call.args, {}, cot)[1])
+    assert not ref.any() and abs(got[0, 0]) > 2e-13  # jax-cpu gave −2.156e-13
+    oc = CASES["window_lm"]
+    k, scale = oc.k(call), oc.scale(call, cot)
+    evals = perturbed_reference("window_lm", call, "float64", cot)
+    assert len(evals) == 5
+
+    def verdict(g, perturbed):
+        return tolerance.compare("grad E", g, ref, None, "float64", k, scale,
+                                 perturbed=[None if q is None else q[1] for q in perturbed])
+
+    assert not verdict(got, evals[:4]).ok
+    assert verdict(got, evals).ok
+    assert not verdict(100 * got, evals).ok
+
+
+def test_activated_lists_exactly_the_ops_whose_reference_moves_activations():
+    """Every op of ``ACTIVATED`` passes some ``tanh``/``σ`` output through
+    ``lmspec._precision.activation`` on its conformance inputs; no other op ever does."""
+    import warnings
+
+    from hypothesis import HealthCheck, given, settings
+
+    from lmspec._precision import rounding_activations
+    from lmspec.conformance.conditioning import ACTIVATED
+    from lmspec.conformance.harness import _map, _op_kwargs, _widen
+
+    def moves(op: str, oc: OpCases) -> bool:
+        hits: list[int] = []
+
+        @settings(max_examples=15, database=None, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(oc.strategy("float64"))
+        def probe(call: Call) -> None:
+            with rounding_activations(-(2.0**-53)) as r, np.errstate(all="ignore"):
+                try:
+                    lmspec_ops[op].reference(*_map(call.args, _widen),
+                                             **_op_kwargs(op, call, "float64"))
+                except ValueError:
+                    return
+            hits.append(r.hits)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe()
+        return any(hits)
+
+    moved = {op for op, oc in CASES.items() if moves(op, oc)}
+    assert moved == set(ACTIVATED)
