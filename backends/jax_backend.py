@@ -21,6 +21,7 @@ changes how long a run takes, never a result.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.metadata
 import importlib.util
@@ -39,6 +40,22 @@ from lmspec._precision import DTYPES
 
 _CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
 _OPS_KEPT = 3
+_MAPS_CHECK_EVERY = 64
+"""Calls between two looks at the process's memory-map count (Linux)."""
+
+
+def _map_counts() -> tuple[int, int] | None:
+    """``(mappings of this process, vm.max_map_count)``, or None where /proc has neither.
+    XLA on the CPU maps each loaded executable's code in several mappings of its own, so a
+    process that keeps thousands alive reaches the kernel's limit (65530 by default); LLVM
+    then reports "Cannot allocate memory" and XLA dies of SIGSEGV instead of raising."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return None
 
 
 class _Leaf:
@@ -141,6 +158,7 @@ class JaxBackend:
         self.dtypes = tuple(dtypes)
         self._compiled: dict[Any, Callable[..., Any]] = {}
         self._recent_ops: list[str] = []
+        self._calls = 0
 
     # -- discovery ---------------------------------------------------------------
     @cached_property
@@ -257,19 +275,30 @@ class JaxBackend:
 
     def _jitted(self, key: Any, make: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
         """The jitted function for ``key`` (``(op, mode, template…)``). Every shape leaves an
-        executable in memory, and a whole conformance run in one process exhausted memory
-        (LLVM: cannot allocate memory), so the in-memory caches are dropped once calls have
-        moved through more than ``_OPS_KEPT`` ops; the persistent cache keeps the programs."""
+        executable in memory, and a whole conformance run in one process exhausted the
+        kernel's memory mappings (see :func:`_map_counts`), so the in-memory caches are
+        dropped once calls have moved through more than ``_OPS_KEPT`` ops, and whenever
+        the process holds more than a third of the mappings allowed; the persistent cache
+        keeps the programs."""
         if key[0] not in self._recent_ops:
             self._recent_ops.append(key[0])
             if len(self._recent_ops) > _OPS_KEPT:
-                self._compiled.clear()
-                self._jax.clear_caches()
+                self._drop_executables()
                 self._recent_ops = [key[0]]
+        self._calls += 1
+        if self._calls % _MAPS_CHECK_EVERY == 0:
+            counts = _map_counts()
+            if counts is not None and counts[0] > counts[1] // 3:
+                self._drop_executables()
         fn = self._compiled.get(key)
         if fn is None:
             fn = self._compiled[key] = self._jax.jit(make())
         return fn
+
+    def _drop_executables(self) -> None:
+        self._compiled.clear()
+        self._jax.clear_caches()
+        gc.collect()
 
     @cached_property
     def _refusals(self) -> tuple[str, ...]:
