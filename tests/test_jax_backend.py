@@ -89,3 +89,28 @@ def test_ops_conform_through_the_harness(backend, op, dtype, check):
     r = run_target(backend, Target("jax-cpu", op, dtype, check), Settings(max_examples=5),
                    dict(backend.deviations))
     assert r["status"] == "pass", r["message"]
+
+
+def test_executables_are_dropped_before_the_process_runs_out_of_mappings(monkeypatch):
+    """XLA maps every loaded executable's code separately; at vm.max_map_count LLVM fails
+    and XLA segfaults. The backend drops its executables when the process holds more than
+    a third of the limit (looked at every ``_MAPS_CHECK_EVERY`` calls), and not before."""
+    from lmspec.backends import jax_backend as jb
+
+    here = jb._map_counts()  # this process, on Linux: (mappings, limit)
+    assert here is None or 0 < here[0] < here[1]
+    counts = [(100, 65530)]
+    monkeypatch.setattr(jb, "_map_counts", lambda: counts[0])
+    b = JaxBackend("jax-cpu", "cpu", ("float32",))
+    drops = []
+    drop = b._drop_executables
+    monkeypatch.setattr(b, "_drop_executables", lambda: (drops.append(1), drop()))
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    for _ in range(jb._MAPS_CHECK_EVERY):
+        b.softmax(x)
+    assert not drops  # well below the limit: kept
+    counts[0] = (30000, 65530)
+    for _ in range(2 * jb._MAPS_CHECK_EVERY):
+        b.softmax(x)
+    assert len(drops) == 2
+    np.testing.assert_allclose(b.softmax(x), lmspec.softmax(x), rtol=1e-6)
