@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from lmspec._precision import DTYPES
 
@@ -46,10 +45,17 @@ def _special(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.sampled_from(sorted({lo, hi, min(max(0.0, lo), hi)})) | _elements(lo, hi)
 
 
-@lru_cache(maxsize=4096)
-def _array(dtype: type, shape: tuple[int, ...], elements: st.SearchStrategy[Any]
-           ) -> st.SearchStrategy[np.ndarray]:
-    return hnp.arrays(dtype, shape, elements=elements)
+def _each(draw, dtype: type, shape: Sequence[int], elements: st.SearchStrategy[Any],
+          label: str) -> np.ndarray:
+    """An array of ``shape`` whose every element is one draw from ``elements``.
+
+    One choice per element, each shrinking on its own. (``hypothesis.extra.numpy.arrays``
+    draws a sparse array over a fill value, about three choices per element: 25 arrays
+    of 8 floats took 25.6 ms per example that way, 6.5 ms this way.)
+    """
+    shape = tuple(int(n) for n in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.array([draw(elements, label=label) for _ in range(n)], dtype=dtype).reshape(shape)
 
 
 @lru_cache(maxsize=4096)
@@ -87,7 +93,7 @@ def floats(draw, dtype: str, shape: Sequence[int], lo: float = -3.0, hi: float =
     n = int(np.prod(shape, dtype=np.int64))
     lo, hi = float(lo), float(hi)
     if n <= ELEMENTWISE_MAX:
-        return as_dtype(draw(_array(np.float64, shape, _elements(lo, hi)), label=label), dtype)
+        return as_dtype(_each(draw, np.float64, shape, _elements(lo, hi), label), dtype)
     seed = draw(_SEED, label=f"{label} seed")
     raw = np.random.default_rng(seed).uniform(lo, hi, size=shape)
     for _ in range(draw(_integers(0, 4), label=f"{label} placed")):
@@ -113,20 +119,16 @@ def logits(draw, dtype: str, shape: Sequence[int], *, label: str = "logits",
         return floats(draw, dtype, shape, -big, -big / 2, label=label)
     if regime == "tiny":
         return floats(draw, dtype, shape, -1e-3, 1e-3, label=label)
-    raw = draw(_array(np.float64, tuple(int(n) for n in shape), _sampled((-1.0, 0.0, 2.0))),
-               label=label)
-    return as_dtype(raw, dtype)
+    return as_dtype(_each(draw, np.float64, shape, _sampled((-1.0, 0.0, 2.0)), label), dtype)
 
 
 def ints(draw, shape: Sequence[int], high: int, *, low: int = 0, label: str = "ids") -> np.ndarray:
     """An int64 array of ids in ``[low, high)``."""
-    raw = draw(_array(np.int64, tuple(int(n) for n in shape), _integers(int(low), int(high) - 1)),
-               label=label)
-    return raw.astype(np.int64)
+    return _each(draw, np.int64, shape, _integers(int(low), int(high) - 1), label)
 
 
 def bools(draw, shape: Sequence[int], *, label: str = "mask") -> np.ndarray:
-    return draw(_array(np.bool_, tuple(int(n) for n in shape), _BOOLEANS), label=label)
+    return _each(draw, np.bool_, shape, _BOOLEANS, label)
 
 
 def dim(draw, lo: int, hi: int, *, label: str) -> int:
