@@ -174,3 +174,36 @@ def test_a_property_that_never_calls_the_backend_checks_nothing(monkeypatch):
                      Settings(max_examples=10), {})
     assert res["status"] == "unsupported" and res["examples"] == 0
     assert res["message"] == "no example exercised the backend"
+
+
+def test_every_example_of_a_check_is_a_fresh_draw(monkeypatch):
+    """Hypothesis' span-copying mutator (up to five copies after each fresh example) is
+    off while a check runs, and back afterwards for the process' own Hypothesis tests."""
+    from hypothesis.internal.conjecture.engine import ConjectureRunner
+
+    copies = []
+    original = ConjectureRunner.generate_mutations_from
+
+    def counting(self, data):
+        before = self.call_count
+        original(self, data)
+        copies.append(self.call_count - before)
+
+    monkeypatch.setattr(ConjectureRunner, "generate_mutations_from", counting)
+    with harness._fresh_examples():
+        assert _run(Softmax(), n=60)["examples"] == 60
+    assert copies == []
+    assert ConjectureRunner.generate_mutations_from is counting
+    assert _run(Softmax(), n=60)["examples"] == 60
+    assert copies == []  # run_target turns it off itself
+    # the same search without the switch spends most of its examples on copies
+    strategy = harness.CASES["softmax"].strategy("float64")
+
+    @harness.settings(max_examples=60, database=None, deadline=None)
+    @harness.seed(0)
+    @harness.given(harness.st.data())
+    def search(data):
+        data.draw(strategy)
+
+    search()
+    assert sum(copies) > 20
