@@ -401,7 +401,12 @@ RATIO_EDGES = tuple(x / 2 for x in range(-12, 3))
 
 def ratio_distribution(ratios: Sequence[float]) -> dict[str, Any] | None:
     """Per-example worst ratio (error / tolerance) of a check: quantiles and a log10
-    histogram (``below`` counts ratios under 1e-6, zeros included; ``above`` over 10)."""
+    histogram (``below`` counts ratios under 1e-6, zeros included; ``above`` over 10).
+
+    Each quantile is an observed ratio (the smallest ``r`` with at least a fraction ``q``
+    of the examples at or below it): interpolating between examples would give NaN next
+    to an infinite ratio (a deviating example whose NaN sits where the spec has a number).
+    """
     if not ratios:
         return None
     r = np.asarray(ratios, dtype=np.float64)
@@ -410,7 +415,7 @@ def ratio_distribution(ratios: Sequence[float]) -> dict[str, Any] | None:
     return {"edges_log10": list(RATIO_EDGES), "counts": counts.tolist(),
             "below": int((logs < RATIO_EDGES[0]).sum()),
             "above": int((logs > RATIO_EDGES[-1]).sum()),
-            "quantiles": {q: jsonable(float(np.quantile(r, float(q))))
+            "quantiles": {q: jsonable(float(np.quantile(r, float(q), method="inverted_cdf")))
                           for q in ("0.5", "0.9", "0.99", "1")}}
 
 

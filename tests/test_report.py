@@ -263,3 +263,10 @@ def test_report_from_a_journal_left_by_a_dead_controller(tmp_path, capsys):
     assert rep["incomplete"] and [r["status"] for r in rep["results"]] == ["pass", "skipped"]
     assert path.with_suffix(".html").exists() and path.with_suffix(".md").exists()
     assert main(["report"]) == 2 and "either REPORT.json or --journal" in capsys.readouterr().err
+
+
+def test_ratio_quantiles_are_observed_ratios_even_next_to_an_infinite_one():
+    """A deviating example can have ratio inf; interpolated quantiles became NaN there."""
+    q = dist([0.0, 0.5, 2.0, float("inf")])["quantiles"]
+    assert q == {"0.5": 0.5, "0.9": "inf", "0.99": "inf", "1": "inf"}
+    assert dist([0.1, 0.3])["quantiles"] == {"0.5": 0.1, "0.9": 0.3, "0.99": 0.3, "1": 0.3}
