@@ -299,14 +299,15 @@ def _judge_case(c: dict[str, Any], call: Any, got: tuple[Any, ...], root: Path, 
             continue
         ref = np.load(root / o["reference"], allow_pickle=False)
         base = np.load(root / o["baseline"], allow_pickle=False) if o["baseline"] else None
-        pert = [np.load(root / p, allow_pickle=False) for p in o["perturbed"]] or [None]
+        files = o["perturbed"]
         fixed = op_cases(c["op"], oc.strategy, lambda _c, k=o["k"]: k,
                          (lambda _c, _cot, s=o["scale"]: s) if o["scale"] is not None else None,
                          oc.compare)
         g = harness._output(got[j], f"{c['op']}()")
         harness._compare_outputs(fixed, call, g, harness._as_result(ref),
                                  None if base is None else harness._as_result(base), dt, stats,
-                                 o["name"], pert=[harness._as_result(p) for p in pert])
+                                 o["name"], pert=lambda files=files: [harness._as_result(
+                                     np.load(root / p, allow_pickle=False)) for p in files])
 
 
 def _record(name: str, op: str, dt: str, status: str, message: str, stats: Any,

@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 
 import numpy as np
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmspec import OPS as lmspec_ops
@@ -47,6 +48,52 @@ def test_baseline_gate_and_measured_conditioning():
     assert not tolerance.compare("out", zero + 1e-9, zero, None, "float64", 1).ok
     assert tolerance.compare("out", zero + 1e-9, zero, None, "float64", 1,
                              perturbed=zero + 1e-9).ok
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_lazy_conditioning_gives_the_eager_verdict(data):
+    """Measuring only when the error exceeds MEASURED_ABOVE of the unmeasured tolerance
+    changes no verdict and no ratio above it; below, the ratio is an upper bound."""
+    dtype = data.draw(st.sampled_from(["float16", "float32", "float64"]))
+    n = data.draw(st.integers(1, 4))
+    vals = st.floats(-4, 4, allow_nan=False)
+    ref = np.array(data.draw(st.lists(vals, min_size=n, max_size=n)))
+    err = 10.0 ** data.draw(st.floats(-20, 0)) * np.array(
+        data.draw(st.lists(st.floats(-1, 1), min_size=n, max_size=n)))
+    base = ref + data.draw(st.sampled_from([0.0, 1e-6, 1e-3]))
+    pert = ref + 10.0 ** data.draw(st.floats(-20, 1)) * data.draw(st.sampled_from([0, 1]))
+    k = data.draw(st.integers(1, 64))
+    calls = []
+
+    def lazy():
+        calls.append(1)
+        return [pert]
+
+    args = ("out", ref + err, ref, base, dtype, k)
+    eager = tolerance.compare(*args, perturbed=[pert])
+    lazily = tolerance.compare(*args, perturbed=lazy)
+    assert lazily.ok == eager.ok and len(calls) == int(lazily.measured) <= 1
+    if lazily.measured or eager.ratio > tolerance.MEASURED_ABOVE:
+        assert lazily.measured and (lazily.ratio, lazily.tol) == (eager.ratio, eager.tol)
+    else:
+        assert eager.ratio <= lazily.ratio <= tolerance.MEASURED_ABOVE
+
+
+def test_lazy_conditioning_measures_only_when_the_error_needs_it():
+    ref, calls = np.array([1.0, -2.0]), []
+
+    def lazy():
+        calls.append(1)
+        return [ref * (1 + 1e6 * U32)]  # an ill-conditioned output: M grows 1e6-fold
+
+    quiet = tolerance.compare("out", ref * (1 + U32 / 8), ref, None, "float32", 1,
+                              perturbed=lazy)
+    assert quiet.ok and not quiet.measured and calls == []
+    loud = tolerance.compare("out", ref * (1 + 1e3 * U32), ref, None, "float32", 1,
+                             perturbed=lazy)
+    assert loud.ok and loud.measured and calls == [1]  # fails without the measurement
+    assert not tolerance.compare("out", ref * (1 + 1e3 * U32), ref, None, "float32", 1).ok
 
 
 def test_special_values_must_match_but_overflow_may_round():
