@@ -46,7 +46,9 @@ The cotangent of a vjp check is perturbed like an input. Signs are seeded by the
 of the inputs, so a check is deterministic. Ops with integer outputs (``compare``
 declared) and calls without any float data get no evaluations. Cost: four reference
 evaluations per example (plus one per evaluation whose scalars left the domain, one per
-literal constant and one for the activations), against two for the normwise pair alone.
+literal constant and one for the activations), against two for the normwise pair alone;
+the harness pays it only for the examples whose error needs it
+(:data:`lmspec.conformance.tolerance.MEASURED_ABOVE`).
 """
 
 from __future__ import annotations
