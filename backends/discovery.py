@@ -164,6 +164,11 @@ class BackendTable:
                 return e
         return None
 
+    def dismiss(self) -> None:
+        """Let the hosts exit without waiting (:meth:`close` reaps them)."""
+        for h in self.hosts:
+            h.dismiss()
+
     def close(self) -> None:
         for h in self.hosts:
             h.close()

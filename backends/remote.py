@@ -100,6 +100,7 @@ class HostProcess:
         self.capture = tempfile.TemporaryFile(prefix="lmspec-host-")
         self.descriptors: list[dict[str, Any]] = []
         self.starts = 0
+        self._dismissed = False
 
     # -- life cycle ----------------------------------------------------------------
     def start(self) -> list[dict[str, Any]]:
@@ -121,6 +122,7 @@ class HostProcess:
             child.close()
         self.conn = Connection(parent.detach())
         self.starts += 1
+        self._dismissed = False
         for source, target in self.plugins:
             self.send(("load", source, target))
 
@@ -154,13 +156,23 @@ class HostProcess:
             self.conn.close()
         self.conn, self.proc = None, None
 
-    def close(self) -> None:
-        """Ask the child to leave; kill it if it does not within a second."""
-        if self.proc is not None and self.conn is not None:
+    def dismiss(self) -> None:
+        """Ask the child to leave without waiting for it (:meth:`close` reaps it): a
+        controller whose checks run in other processes lets it exit meanwhile."""
+        if self.proc is not None and self.conn is not None and not self._dismissed:
             try:
                 self.conn.send_bytes(pickle.dumps(("exit",)))
+                self._dismissed = True
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Ask the child to leave; kill it if it does not within a second."""
+        self.dismiss()
+        if self.proc is not None:
+            try:
                 self.proc.wait(1.0)
-            except (OSError, subprocess.TimeoutExpired):
+            except subprocess.TimeoutExpired:
                 pass
         self.kill()
         self.capture.close()

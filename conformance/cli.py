@@ -231,9 +231,11 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
            "ops": ops, "dtypes": args.dtype, "checks": args.check, "profile": args.profile,
            "max_examples": args.max_examples, "seed": args.seed, "timeout": args.timeout,
            "replay_args": replay, "targets": [t.id for t in todo], "shapes": args.shapes}
+    rows = [e.row() for e in entries]
     if jobs == 1:  # this process is the judge: lend it the hosts already started
         hosts.update({(e.source.kind, e.source.target): e.host for e in entries})
-    rows = [e.row() for e in entries]
+    else:  # the workers start their own: these exit while the workers start
+        table.dismiss()
     run_settings = {
         "profile": args.profile, "max_examples": settings.examples, "seed": args.seed,
         "ops": ops,

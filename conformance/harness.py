@@ -683,6 +683,10 @@ def run_target(backend: Any, target: Target, config: Settings,
         return _output(call_backend(fn, f"{name}()", timeout, lmspec.OPS[name].params,
                                     args, kw, owner), f"{name}()")
 
+    # one strategy object per check: Hypothesis validates each new one it is handed
+    inputs = ((prop.strategy or oc.strategy) if prop else (
+        oc.large if large else oc.strategy))(dtype)
+
     def example(data: Any) -> None:
         stats.begin()
         with np.errstate(all="ignore"):
@@ -693,9 +697,7 @@ def run_target(backend: Any, target: Target, config: Settings,
     def _example(data: Any) -> bool:
         """One example; whether the backend's answer was checked."""
         drawer = _Drawer(data)
-        strategy = (prop.strategy or oc.strategy) if prop else (
-            oc.large if large else oc.strategy)
-        drawn = data.draw(strategy(dtype), label="input")
+        drawn = data.draw(inputs, label="input")
         _check_drawn_dtypes(drawn, dtype, f"{op} {check}")
         record: dict[str, Any] = {"input": drawn}
         calls[0] = 0
