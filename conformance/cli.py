@@ -464,7 +464,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--check", action="append", default=None, metavar="CHECK",
                    help="only this check: forward, vjp or a property name (repeatable)")
     r.add_argument("--profile", choices=["quick", "default", "thorough"], default="default",
-                   help="examples per check: quick 20, default 100, thorough 1000")
+                   help="examples per check: quick 20, default 30, thorough 1000")
     r.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="examples per check, overriding the profile")
     r.add_argument("--seed", type=int, default=0, help="seed of the example search")

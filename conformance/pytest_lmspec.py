@@ -34,7 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--lmspec-check", action="append", default=[], metavar="CHECK",
                 help="only this check: forward, vjp or a property name (repeatable)")
     g.addoption("--lmspec-profile", choices=PROFILES, default="default",
-                help="examples per check: quick 20, default 100, thorough 1000")
+                help="examples per check: quick 20, default 30, thorough 1000")
     g.addoption("--lmspec-max-examples", type=int, default=None, metavar="N")
     g.addoption("--lmspec-seed", type=int, default=0, metavar="N")
     g.addoption("--lmspec-plugin", action="append", default=[], metavar="MOD",

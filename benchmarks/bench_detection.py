@@ -1,0 +1,120 @@
+"""How many fresh examples the suite needs to catch each mutant of the test suite.
+
+    .venv/bin/python benchmarks/bench_detection.py [--seeds N] [--max-examples N] [--jobs N]
+
+Every mutant of ``tests/test_mutants_*.py`` (the one-line bugs a kernel author makes:
+a swapped gate, a missing max shift, a wrong scale, a mask off by one, …) runs through
+the real harness on the checks and dtypes its test names, with ``--seeds`` different
+``--seed`` values and up to ``--max-examples`` examples per check. For each (mutant,
+seed) the figure is the number of examples drawn up to and including the first one the
+harness fails (the ``examples`` of a failing result; shrinking is switched off, since it
+only rewrites that example), the smallest over the mutant's checks.
+
+The table answers "would a profile of N examples per check have caught it?": the share
+of (mutant, seed) runs whose first failure came within N examples. A default run checks
+far more than a mutant's test selection (every check of the op, in four dtypes, each
+with its own examples), so these figures are a lower bound of what a default run of N
+examples per check detects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MILESTONES = (5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100)
+Mutant = tuple[str, str, Callable[..., Any], tuple[str, ...], tuple[str, ...] | None]
+
+
+def mutants() -> Iterator[Mutant]:
+    """(name, op, torch function, dtypes, checks) of every mutant, as its test runs it."""
+    sys.path.insert(0, str(ROOT))
+    mod = {f: importlib.import_module(f"tests.test_mutants_{f}") for f in (
+        "core", "attention", "modern", "recurrent", "training", "ngram")}
+    for name, (op, fn) in mod["core"].MUTANTS.items():
+        yield name, op, fn, ("float32",), None
+    for name, (op, fn) in mod["attention"].MUTANTS.items():
+        yield name, op, fn, ("float64",), ("forward",)
+    for name, (op, fn, check, dtype) in mod["modern"].MUTANTS.items():
+        yield name, op, fn, (dtype,), (check,)
+    for op, fn, checks in mod["recurrent"].MUTANTS:
+        yield fn.__name__, op, fn, ("float64",), checks
+    for name, (op, fn, checks) in mod["training"].MUTANTS.items():
+        yield name, op, fn, ("float32",), checks
+    for name, cls in mod["ngram"].MUTANTS.items():
+        for dt in ("float32", "float64"):
+            yield f"{name} ({dt})", "ngram_log_prob", cls.log_prob, (dt,), None
+
+
+def first_failure(index: int, seed: int, max_examples: int,
+                  copies: bool = False) -> tuple[int, int, int | None]:
+    """(mutant index, seed, examples up to the first failing one, or None if never);
+    ``copies``: with Hypothesis' span-copying mutations left on (see
+    ``harness._fresh_examples``), as every check ran before examples were all fresh."""
+    from contextlib import nullcontext
+
+    from hypothesis import Phase
+
+    from lmspec.conformance import harness
+
+    # the measured figure is the index of the first failing example; a shrink would only
+    # rewrite that example, so it is skipped (Phase.generate stands in for it)
+    harness.Phase = SimpleNamespace(explicit=Phase.explicit, reuse=Phase.reuse,
+                                    generate=Phase.generate, shrink=Phase.generate)
+    if copies:
+        harness._fresh_examples = nullcontext
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import MutantBackend, run_checks
+
+    name, op, fn, dtypes, checks = list(mutants())[index]
+    results = run_checks(MutantBackend({op: fn}), op, dtypes, checks, max_examples, seed)
+    caught = [r["examples"] for r in results if r["status"] == "fail"]
+    return index, seed, min(caught) if caught else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per mutant (default 5)")
+    ap.add_argument("--max-examples", type=int, default=100)
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--copies", action="store_true",
+                    help="leave Hypothesis' span-copying mutations on (the search before "
+                         "every example was a fresh draw)")
+    args = ap.parse_args()
+    names = [m[0] for m in mutants()]
+    t0 = time.perf_counter()
+    found: dict[int, list[int | None]] = {i: [] for i in range(len(names))}
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futs = [pool.submit(first_failure, i, s, args.max_examples, args.copies)
+                for i in range(len(names)) for s in range(args.seeds)]
+        for k, f in enumerate(futs, 1):
+            i, _, n = f.result()
+            found[i].append(n)
+            print(f"\r{k}/{len(futs)} runs", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    width = max(map(len, names))
+    print(f"{'mutant':<{width}}  first failing example, seeds 0..{args.seeds - 1}")
+    for i, name in enumerate(names):
+        print(f"{name:<{width}}  " + " ".join(
+            f"{n:>3}" if n is not None else "  -" for n in found[i]))
+    runs = [n for v in found.values() for n in v]
+    print(f"\n{len(names)} mutants × {args.seeds} seeds = {len(runs)} runs, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print("examples per check N | runs caught within N | mutants caught on every seed")
+    for m in (x for x in MILESTONES if x <= args.max_examples):
+        within = sum(n is not None and n <= m for n in runs)
+        every = sum(all(n is not None and n <= m for n in v) for v in found.values())
+        print(f"{m:>20} | {within:>4}/{len(runs)} ({100 * within / len(runs):5.1f} %) | "
+              f"{every}/{len(names)}")
+
+
+if __name__ == "__main__":
+    main()
