@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU conformance run: torch-cuda (strict float32) and torch-cuda-tf32 (float32 with
-# TF32 products, judged with TF32's unit roundoff 2^-11), default profile, every dtype
-# each declares; jax-cuda and onnxruntime-cuda too when their CUDA builds are installed.
+# TF32 products, judged with TF32's unit roundoff 2^-11), every dtype each declares;
+# jax-cuda and onnxruntime-cuda too when their CUDA builds are installed. 100 examples
+# per check (LMSPEC_GPU_EXAMPLES), as the committed CPU reports were run, so that every
+# check draws the same inputs as theirs.
 #
 #   bash benchmarks/gpu_conformance.sh [OUT_DIR]        (default OUT_DIR: reports/gpu)
 #
@@ -38,7 +40,8 @@ status=0
 for b in torch-cuda torch-cuda-tf32 jax-cuda onnxruntime-cuda; do
   if lmspec backends --json | python -c "import json,sys; sys.exit(0 if any(r['name'] == '$b' and r['status'] == 'ok' for r in json.load(sys.stdin)) else 1)"; then
     echo "== $b"
-    lmspec run --backend "$b" --jobs "$jobs" --timeout 120 --report-dir "$out" || status=$?
+    lmspec run --backend "$b" --jobs "$jobs" --timeout 120 --max-examples "${LMSPEC_GPU_EXAMPLES:-100}" \
+      --report-dir "$out" || status=$?
   else
     echo "== $b: not available here, skipped"
   fi
