@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-FAMILIES = ("core", "ngram", "recurrent", "attention", "training", "modern")
+FAMILIES = ("core", "ngram", "recurrent", "attention", "training", "modern", "serving",
+            "sampling")
 
 VjpRule = Callable[..., Mapping[str, Any]]
 

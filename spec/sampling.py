@@ -1,0 +1,1 @@
+"""(family module: ops are declared as the family is built)."""
