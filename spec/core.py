@@ -17,9 +17,16 @@ from ._precision import fl
 
 
 def _shifted(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(x − m, m)`` with ``m = max(x)`` along ``axis``, ``m`` replaced by 0 where it is
-    not finite (an all ``−inf`` slice then gives ``−inf − 0``, not ``−inf + inf``; an empty
-    slice has ``m = −inf``, hence 0)."""
+    """``(z, m)`` with ``z = x − m`` and ``m = max(x)`` along ``axis``, ``m`` replaced by 0
+    where it is not finite (an all ``−inf`` slice of two or more elements then gives
+    ``−inf − 0``, not ``−inf + inf``; an empty slice has ``m = −inf``, hence 0).
+
+    A one-element axis is exact whatever its value (CONTRACT §6, 2026-12-06): ``m = x``
+    and ``z = 0`` (NaN stays NaN), so that ``softmax = e⁰/e⁰ = 1``, ``log_softmax = 0 −
+    ln 1 = 0`` and ``logsumexp = m + ln e⁰ = x``, ``±inf`` included.
+    """
+    if x.shape[axis] == 1:
+        return np.where(np.isnan(x), x, np.zeros_like(x)), x
     m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0)
     return x - m, m
@@ -30,8 +37,9 @@ def softmax(x, axis=-1):
     """``softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m)``, ``m = max_j x_j``.
 
     Subtracting the maximum changes nothing mathematically (shift invariance) and keeps
-    ``exp`` from overflowing. A slice that is all ``−inf`` gives NaN (0/0), as does one
-    holding ``+inf``.
+    ``exp`` from overflowing. A slice of two or more elements that is all ``−inf`` gives
+    NaN (0/0), as does one holding ``+inf``; a one-element slice gives 1 whatever its
+    value (``±inf`` included; CONTRACT §6).
     """
     x = v.floats("softmax", "x", x, min_ndim=1)
     ax = v.axis("softmax", "axis", axis, x.ndim)
@@ -51,7 +59,11 @@ def _softmax_vjp(cot, x, axis=-1):
 
 @reference("core", diff=("x",))
 def log_softmax(x, axis=-1):
-    """``log_softmax(x)_i = x_i − m − ln Σ_j exp(x_j − m)`` (``m`` as in :func:`softmax`)."""
+    """``log_softmax(x)_i = x_i − m − ln Σ_j exp(x_j − m)`` (``m`` as in :func:`softmax`).
+
+    NaN over a slice of two or more elements that is all ``−inf``; 0 over a one-element
+    slice whatever its value (CONTRACT §6).
+    """
     x = v.floats("log_softmax", "x", x, min_ndim=1)
     ax = v.axis("log_softmax", "axis", axis, x.ndim)
     z, _ = _shifted(x, ax)
@@ -72,8 +84,9 @@ def logsumexp(x, axis=-1):
     """``logsumexp(x) = m + ln Σ_j exp(x_j − m)``, reduced over ``axis``.
 
     A slice that is all ``−inf`` gives ``−inf`` (CONTRACT §2); one holding ``+inf``
-    gives ``+inf``. An empty slice (``x.shape[axis] = 0``) gives ``−inf``, the log of the
-    empty sum; empty other axes give an empty result (so do softmax and log_softmax).
+    gives ``+inf``; a one-element slice gives its value (CONTRACT §6). An empty slice
+    (``x.shape[axis] = 0``) gives ``−inf``, the log of the empty sum; empty other axes
+    give an empty result (so do softmax and log_softmax).
     """
     x = v.floats("logsumexp", "x", x, min_ndim=1)
     ax = v.axis("logsumexp", "axis", axis, x.ndim)
@@ -84,7 +97,8 @@ def logsumexp(x, axis=-1):
 
 @vjp_rule(logsumexp)
 def _logsumexp_vjp(cot, x, axis=-1):
-    """``∂L/∂x = c · softmax(x)`` (``c`` broadcast over the reduced axis)."""
+    """``∂L/∂x = c · softmax(x)`` (``c`` broadcast over the reduced axis): ``c`` itself over
+    a one-element axis, whatever the value (``softmax = 1`` there)."""
     ax = axis % np.ndim(x)
     return {"x": np.expand_dims(fl(cot), ax) * softmax(x, ax)}
 

@@ -37,6 +37,48 @@ def test_infinities():
     assert lmspec.log_softmax(x)[1, 1] == -np.inf
 
 
+
+@pytest.mark.parametrize("value", [-np.inf, np.inf, -1e308, 0.0, 2.5])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_one_element_axis_is_exact_whatever_the_value(value, axis):
+    """CONTRACT §6: over a one-element axis softmax is 1, log_softmax 0, logsumexp the
+    value itself with gradient 1 (the cotangent), −inf included."""
+    x = np.array([[value, 1.0]]) if axis == 0 else np.array([[value], [1.0]])
+    ones = np.ones_like(x)
+    np.testing.assert_array_equal(lmspec.softmax(x, axis), ones)
+    np.testing.assert_array_equal(lmspec.log_softmax(x, axis), 0 * ones)
+    np.testing.assert_array_equal(lmspec.logsumexp(x, axis), np.squeeze(x, axis))
+    cot = np.array([3.0, -2.0])
+    (g,) = lmspec.vjp("logsumexp", (x,), {"axis": axis}, cot)
+    np.testing.assert_array_equal(g, np.expand_dims(cot, axis) * ones)
+    for op in ("softmax", "log_softmax"):
+        (g,) = lmspec.vjp(op, (x,), {"axis": axis}, 2 * ones)
+        assert np.all(np.isfinite(g)), (op, g)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_one_element_minus_inf_softmax_passes_the_gate(dtype):
+    """A kernel answering the contract's exact 1 (0 for log_softmax) is not a failure."""
+    x = np.array([[-np.inf], [2.0]])
+    lmspec.assert_close("softmax", (x,), {"axis": -1}, np.ones((2, 1)), dtype)
+    lmspec.assert_close("log_softmax", (x,), {"axis": -1}, np.zeros((2, 1)), dtype)
+    lmspec.assert_close("logsumexp", (x,), {"axis": -1}, np.array([-np.inf, 2.0]), dtype)
+
+
+def test_two_or_more_minus_inf_stay_nan_and_minus_inf():
+    """Only a one-element axis is exact: an all −inf slice of ≥ 2 elements is 0/0."""
+    x = np.full((2, 3), -np.inf)
+    assert np.isnan(lmspec.softmax(x)).all() and np.isnan(lmspec.log_softmax(x)).all()
+    np.testing.assert_array_equal(lmspec.logsumexp(x), [-np.inf, -np.inf])
+    np.testing.assert_array_equal(lmspec.logsumexp(x, 0), [-np.inf] * 3)
+
+
+def test_cross_entropy_with_one_class_is_zero():
+    """V = 1: every row's only class has probability 1, whatever its logit."""
+    logits = np.array([[-np.inf], [7.0], [np.inf]])
+    assert lmspec.cross_entropy(logits, np.array([0, 0, 0])) == 0.0
+
+
 def _mp_cross_entropy(logits, targets, ignore, eps):
     mpmath.mp.dps = 50
     rows = []
