@@ -31,6 +31,7 @@ unpickle them with a restricted unpickler. Messages are cut to
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -40,8 +41,9 @@ import threading
 import time
 import zlib
 from importlib import metadata
-from multiprocessing.connection import Connection
 from typing import Any
+
+from lmspec.backends import wire
 
 MAX_MESSAGE = 2000
 """Longest exception message (characters) a reply carries; longer ones are cut."""
@@ -52,23 +54,6 @@ def cut(text: str, limit: int = MAX_MESSAGE) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + f" …[{len(text) - limit} more characters cut]"
-
-
-def _plain(x: Any, depth: int = 0) -> Any:
-    """``x`` as data the judge's restricted unpickler accepts."""
-    import numpy as np
-
-    if depth > 20:
-        raise TypeError("output nested more than 20 levels deep")
-    if x is None or isinstance(x, (bool, int, float, complex, str, bytes, np.ndarray,
-                                   np.generic)):
-        return x
-    if isinstance(x, (tuple, list)):
-        items = [_plain(a, depth + 1) for a in x]
-        return tuple(items) if isinstance(x, tuple) else items
-    if isinstance(x, dict):
-        return {str(k): _plain(v, depth + 1) for k, v in x.items()}
-    return np.asarray(x)  # tensors and other array-likes
 
 
 def _fingerprints(x: Any, path: tuple = ()) -> list[tuple[tuple, tuple]]:
@@ -116,10 +101,55 @@ def _descriptor(entry: Any) -> dict[str, Any]:
         d["status"] = f"failed to load: deviations raised {type(exc).__name__}: {exc}"
         return d
     for key, v in devs.items():
-        reason = getattr(v, "reason", v)
-        d["deviations"][str(key)] = {"reason": cut(str(reason)),
-                                     "predicate": callable(getattr(v, "applies", None))}
+        try:
+            d["deviations"][str(key)] = deviation_descriptor(str(key), v)
+        except ValueError as exc:
+            d["status"] = f"failed to load: {exc}"
+            d["deviations"] = {}
+            return d
     return d
+
+
+def deviation_descriptor(key: str, dev: Any) -> dict[str, Any]:
+    """What the judge needs of one declared deviation: its reason, whether it has a
+    predicate (evaluated here, in the host) and its bound (CONTRACT §3). A key that names
+    no op, check form or dtype, and a deviation with neither predicate nor bound (a plain
+    string included), are refused with a ``ValueError`` that says why."""
+    import lmspec
+    from lmspec._precision import DTYPES
+    from lmspec.backend import WORKING_PRECISIONS
+
+    parts = key.split("/")
+    op = parts[0]
+    if op not in lmspec.OPS or len(parts) > 3 or (len(parts) == 3 and parts[2] not in DTYPES) \
+            or (len(parts) >= 2 and not parts[1]):
+        raise ValueError(f"deviation key {key!r} is not 'op', 'op/check', 'op/check/dtype' "
+                         "or 'op/*/dtype' with a catalogue op and one of "
+                         f"{', '.join(DTYPES)}")
+    if parts[1:2] == ["*"] and len(parts) != 3:
+        raise ValueError(f"deviation key {key!r}: '*' stands for every check of one dtype "
+                         "('op/*/dtype')")
+    reason = getattr(dev, "reason", dev)
+    predicate = callable(getattr(dev, "applies", None))
+    bound = getattr(dev, "bound", None)
+    if isinstance(bound, str) and bound not in WORKING_PRECISIONS:
+        raise ValueError(f"deviation {key!r}: bound {bound!r} is not a working precision "
+                         f"({', '.join(WORKING_PRECISIONS)})")
+    if bound is not None and not isinstance(bound, str):
+        try:
+            bound = float(bound)
+        except (TypeError, ValueError):
+            raise ValueError(f"deviation {key!r}: bound must be a ratio > 1 or a working "
+                             f"precision, got {type(bound).__name__}") from None
+        if not (math.isfinite(bound) and bound > 1):
+            raise ValueError(f"deviation {key!r}: bound must be a finite ratio > 1, got "
+                             f"{bound!r}")
+    if not predicate and bound is None:
+        raise ValueError(f"deviation {key!r} is refused: it has neither a predicate nor a "
+                         "bound, so it would excuse every example of its checks whatever "
+                         "the error; declare lmspec.Deviation(reason, applies=..., "
+                         "bound=...) (CONTRACT §3)")
+    return {"reason": cut(str(reason)), "predicate": predicate, "bound": bound}
 
 
 def _callable_attr(obj: Any, name: str) -> bool:
@@ -181,14 +211,25 @@ class Host:
         dev = dict(getattr(self.backend(name), "deviations", None) or {})[key]
         return bool(dev.applies(args, kwargs))
 
-    def handle(self, request: tuple) -> tuple:
+    def handle(self, request: tuple) -> tuple[dict[str, Any], list[Any]]:
+        """The reply to ``request``: a header (without the request's id) and its arrays."""
         verb, *payload = request
         try:
             value = getattr(self, verb)(*payload)
-            return ("ok", value)
         except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit included
-            return ("raise", type(exc).__name__, cut(str(exc)), isinstance(
-                exc, NotImplementedError))
+            return _raised(exc), []
+        try:
+            tree, arrays = wire.encode(value)
+        except BaseException as exc:  # noqa: BLE001 - an unsendable output is the backend's
+            return _raised(TypeError(f"the backend's output cannot be sent to the judge: "
+                                     f"{exc}")), []
+        return {"status": "ok", "value": tree}, arrays
+
+
+def _raised(exc: BaseException) -> dict[str, Any]:
+    return {"status": "raise", "error": {"type": type(exc).__name__, "message": cut(str(exc)),
+                                         "not_implemented": isinstance(exc,
+                                                                       NotImplementedError)}}
 
 
 def _die_with_parent() -> None:
@@ -212,31 +253,25 @@ def _die_with_parent() -> None:
 
 
 def main(fd: int) -> None:
-    # ``python -m`` put the working directory first on sys.path; the ``lmspec`` command
-    # does not, and a project directory named like its package would shadow the
-    # installed plugin (a namespace package without the hook). Modules outside the
-    # installed packages come through PYTHONPATH, as for ``lmspec`` itself.
-    if sys.path and sys.path[0] in ("", os.getcwd()) and sys.path[0] not in os.environ.get(
-            "PYTHONPATH", "").split(os.pathsep):
-        sys.path.pop(0)
-    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the judge decides when a run stops
-    conn = Connection(socket.socket(fileno=fd).detach())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
+    _die_with_parent()
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
     host = Host()
     while True:
         try:
-            request = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
+            header, body = wire.read_frame_blocking(sock)
+        except (EOFError, OSError, wire.ProtocolError, ValueError):
             return
-        if request == ("exit",):
+        if header.get("verb") == "exit":
             return
-        reply = host.handle(request)
+        reply, arrays = host.handle(pickle.loads(body))
+        reply["id"] = header.get("id")
         try:
-            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except BaseException as exc:  # noqa: BLE001 - an unpicklable output is the backend's
-            data = pickle.dumps(("raise", "TypeError", cut(
-                f"the backend's output cannot be sent to the judge: {exc}"), False))
-        conn.send_bytes(data)
+            wire.send_blocking(sock, wire.reply_frame(reply, arrays))
+        except OSError:
+            return
         sys.stdout.flush()
         sys.stderr.flush()
 

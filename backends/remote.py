@@ -262,7 +262,8 @@ class RemoteBackend:
         self.dtypes: tuple[str, ...] = tuple(descriptor.get("dtypes", ()))
         self.implements = frozenset(descriptor.get("implements", ()))
         self.precision: dict[str, str] = dict(descriptor.get("precision", {}))
-        self.deviations = {key: _RemoteDeviation(self, key, d["reason"], d["predicate"])
+        self.deviations = {key: _RemoteDeviation(self, key, d["reason"], d["predicate"],
+                                                 d.get("bound"))
                            for key, d in descriptor.get("deviations", {}).items()}
         if descriptor.get("vjp"):
             self.vjp = self._method("vjp")
@@ -291,8 +292,10 @@ class RemoteBackend:
 
 
 class _RemoteDeviation:
-    def __init__(self, backend: RemoteBackend, key: str, reason: str, predicate: bool):
+    def __init__(self, backend: RemoteBackend, key: str, reason: str, predicate: bool,
+                 bound: float | str | None = None):
         self.reason = reason
+        self.bound = bound
         self.applies = (lambda args, kwargs: bool(backend.host.request(
             ("applies", backend.name, key, tuple(args), dict(kwargs))))) if predicate else None
 

@@ -65,6 +65,7 @@ import lmspec
 from lmspec._precision import DTYPES, UNIT_ROUNDOFF, rounding_activations
 
 from .declare import CASES, Call
+from .tolerance import compute_dtype, working_precision
 
 Shake = Callable[[np.ndarray], np.ndarray]
 
@@ -285,14 +286,22 @@ def _has_float_data(call: Call, cot: Any) -> bool:
         _is_float_scalar(c) for c in call.kwargs.values())
 
 
-def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None) -> list[Any]:
+def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None,
+                        working: str | None = None) -> list[Any]:
     """The float64 reference (or its vjp, given ``cot``) on the perturbed inputs of the
     module docstring, one entry per evaluation (``None`` where the perturbed inputs leave
     the op's domain); the tolerance's measured conditioning is the largest distance of
-    these from the reference, divided by ``u``."""
+    these from the reference, divided by ``u``.
+
+    The perturbations model rounding at the *working* precision of ``dtype`` (float32 for
+    float16/bfloat16, whose intermediates are computed in float32, CONTRACT §6; see
+    :func:`lmspec.conformance.tolerance.working_precision`): ``u``, the scalars'
+    representation and the literal constants are that precision's. Inputs are exact in
+    ``dtype``, so rounding them again is never charged to a backend."""
     oc = CASES.get(op)
     if (oc is not None and oc.compare is not None) or not _has_float_data(call, cot):
         return []
+    dtype = compute_dtype(working or working_precision(dtype))
     u = UNIT_ROUNDOFF[dtype]
     kw = _kwargs(op, call)
     rng = np.random.default_rng(seed_of(op, call.args, kw, cot))

@@ -336,11 +336,12 @@ def _op_kwargs(op: str, call: Call, dtype: str) -> dict[str, Any]:
     return kw
 
 
-def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None) -> Any:
+def perturbed_reference(op: str, call: Call, dtype: str, cot: Any = None,
+                        working: str | None = None) -> Any:
     """The measured conditioning's reference evaluations (see conformance.conditioning)."""
     from .conditioning import perturbed_reference as measured
 
-    return measured(op, call, dtype, cot)
+    return measured(op, call, dtype, cot, working)
 
 
 def reference(op: str, call: Call) -> Any:
@@ -349,18 +350,39 @@ def reference(op: str, call: Call) -> Any:
     return _as_result(lmspec.OPS[op].reference(*_map(call.args, _widen), **kw))
 
 
-def baseline(op: str, call: Call, dtype: str, cot: Any = None) -> Any:
-    """The spec's own formulas evaluated in ``dtype`` (``None`` if that cannot be done)."""
-    if dtype == "float64":
+def baseline(op: str, call: Call, dtype: str, cot: Any = None,
+             working: str | None = None) -> Any:
+    """The spec's own formulas evaluated at the working precision of ``dtype`` on its
+    inputs, the outputs rounded to ``dtype`` (``None`` if that cannot be done, or for
+    float64 at its own precision, whose baseline would be the reference).
+
+    The working precision (:func:`tolerance.working_precision`) is float32 for float16
+    and bfloat16 (CONTRACT §6: half storage, float32 intermediates), the dtype itself
+    for float32 and float64, or what a declared engine mode or a deviation's bound says.
+    """
+    w = tolerance.compute_dtype(working or tolerance.working_precision(dtype))
+    if w == "float64":
         return None
     kw = _op_kwargs(op, call, dtype)
     try:
-        with computing_in(dtype), np.errstate(all="ignore"):
+        with computing_in(w), np.errstate(all="ignore"):
             if cot is None:
-                return _as_result(lmspec.OPS[op].reference(*call.args, **kw))
-            return _as_result(lmspec.vjp(op, call.args, kw, cot))
+                out = _as_result(lmspec.OPS[op].reference(*call.args, **kw))
+            else:
+                out = _as_result(lmspec.vjp(op, call.args, kw, cot))
     except Exception:  # noqa: BLE001 - a baseline that cannot run only removes the gate
         return None
+    return _rounded(out, dtype) if tolerance.coarser(dtype, w) != w else out
+
+
+def _rounded(x: Any, dtype: str) -> Any:
+    """Float outputs rounded to ``dtype`` (kept as float64); others unchanged."""
+    if isinstance(x, tuple):
+        return tuple(_rounded(a, dtype) for a in x)
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            return x.astype(DTYPES[dtype]).astype(np.float64)
+    return x
 
 
 # -- per-example bookkeeping ------------------------------------------------------
@@ -504,9 +526,23 @@ def _seed_of(target: Target, base: int) -> int:
     return (base * 1_000_003 + zlib.crc32(key)) % 2**32
 
 
+@dataclass(frozen=True)
+class Gate:
+    """How one example is judged: at a working precision (``None``: the dtype's, see
+    :func:`tolerance.working_precision`) and up to ``limit`` × the tolerance (1; a
+    deviation's ratio bound)."""
+
+    working: str | None = None
+    limit: float = 1.0
+
+
+STRICT = Gate()
+
+
 def _compare_outputs(oc: OpCases, call: Call, got: Any, ref: Any, base: Any, dtype: str,
                      stats: _Stats, label: str, cot: Any = None,
-                     pert: Callable[[], list[Any]] | None = None) -> None:
+                     pert: Callable[[], list[Any]] | None = None,
+                     gate: Gate = STRICT) -> None:
     """Compare each output array; ``pert`` gives the perturbed reference evaluations of
     the whole output tree, called at most once, and only if an output needs them (see
     :data:`tolerance.MEASURED_ABOVE`)."""
@@ -537,18 +573,23 @@ def _compare_outputs(oc: OpCases, call: Call, got: Any, ref: Any, base: Any, dty
             raise _BackendError(f"{name} has shape {ga.shape}, but should have shape {ra.shape}")
         if oc.compare is not None:
             ok, amb, msg = oc.compare(call, ra, ga, dtype,
-                                      lambda kk, m: tolerance.floor(dtype, kk, m))
+                                      lambda kk, m: tolerance.floor(dtype, kk, m, gate.working))
             stats.ambiguous += amb
             if not ok:
                 raise _Mismatch(msg)
             continue
-        v = tolerance.compare(name, ga, ra, s, dtype, k, scale, perturbed=perturbed(i))
+        v = tolerance.compare(name, ga, ra, s, dtype, k, scale, perturbed=perturbed(i),
+                              working=gate.working, limit=gate.limit)
         stats.add(v, k, name)
         if not v.ok:
             raise _Mismatch(v.message)
 
 
-def _check_claims(claims: Any, dtype: str, stats: _Stats) -> None:
+def _check_claims(claims: Any, dtype: str, stats: _Stats, gate: Gate = STRICT) -> None:
+    """A property's claims. ``Close`` compares two outputs of the backend (or one with
+    an exact value), each rounded to ``dtype`` at its output: its floor uses the coarser
+    of the dtype's and the working precision's unit roundoff."""
+    working = tolerance.coarser(dtype, gate.working or tolerance.working_precision(dtype))
     for claim in claims:
         if isinstance(claim, Holds):
             if not claim.ok:
@@ -563,7 +604,8 @@ def _check_claims(claims: Any, dtype: str, stats: _Stats) -> None:
                                 f"{expected.shape}")
         scale = claim.scale if claim.scale is not None else max(
             1.0, float(np.abs(expected[np.isfinite(expected)]).max(initial=0.0)))
-        v = tolerance.compare(claim.what, claim.actual, expected, None, dtype, claim.k, scale)
+        v = tolerance.compare(claim.what, claim.actual, expected, None, dtype, claim.k, scale,
+                              working=working, limit=gate.limit)
         stats.add(v, claim.k, claim.what)
         if not v.ok:
             raise _Mismatch(v.message)
@@ -639,6 +681,8 @@ def run_target(backend: Any, target: Target, config: Settings,
             result["tolerance"] = {
                 "policy": tolerance.POLICY, "c_base": tolerance.C_BASE,
                 "c_floor": tolerance.C_FLOOR, "u": tolerance.floor_u(dtype),
+                "working_precision": tolerance.working_precision(dtype),
+                "u_dtype": lmspec._precision.UNIT_ROUNDOFF[dtype],
                 "at_worst": jsonable(stats.worst_tol)}
         if stats.ambiguous:
             result["ambiguous_examples"] = stats.ambiguous
@@ -706,18 +750,20 @@ def run_target(backend: Any, target: Target, config: Settings,
         _check_drawn_dtypes(drawn, dtype, f"{op} {check}")
         record: dict[str, Any] = {"input": drawn}
         calls[0] = 0
+        judge: Callable[[Gate, _Stats], None] | None = None
         try:
-            _evaluate(drawer, drawn, record)
+            judge = _evaluate(drawer, drawn, record)
             if prop is not None and calls[0] == 0:  # the property decided without the backend
                 stats.vacuous += 1
                 return False
+            judge(STRICT, stats)
         except _Unsupported as exc:
             stats.unsupported += 1
             stats.unsupported_reason = str(exc)
             return False
         except _Mismatch as exc:
             dev = deviation_for(deviations or {}, target)
-            if dev is not None and _covers(dev, drawn):
+            if dev is not None and judge is not None and _excused(dev, drawn, judge):
                 stats.deviated += 1
                 stats.examples += not stats.shrinking
                 if stats.deviation is None:
@@ -741,38 +787,52 @@ def run_target(backend: Any, target: Target, config: Settings,
         stats.shrinking = True
         stats.failure = record
 
-    def _evaluate(drawer: _Drawer, drawn: Any, record: dict[str, Any]) -> None:
+    def _evaluate(drawer: _Drawer, drawn: Any,
+                  record: dict[str, Any]) -> Callable[[Gate, _Stats], None]:
+        """Call the backend on one example; return the judge of its answers (a gate and
+        the statistics to add to → raises ``_Mismatch``), which a deviation's bound may
+        run again at its own gate without calling the backend twice."""
         if prop is not None:
-            _check_claims(prop.check(run_as_backend, drawn, dtype), dtype, stats)
-            return
+            claims = list(prop.check(run_as_backend, drawn, dtype))
+            return lambda gate, st_: _check_claims(claims, dtype, st_, gate)
         ref = reference(op, drawn)
         kw = _op_kwargs(op, drawn, dtype)
         names = lmspec.OPS[op].params
         if check == "forward":
-            base = baseline(op, drawn, dtype)
-            pert = _once(lambda: perturbed_reference(op, drawn, dtype))
             got = _output(call_backend(method, f"{op}()", timeout, names, drawn.args, kw,
                                        owner), f"{op}()")
-            _compare_outputs(oc, drawn, got, ref, base, dtype, stats, "out", pert=pert)
-            return
+
+            def judge_forward(gate: Gate, st_: _Stats) -> None:
+                base = baseline(op, drawn, dtype, working=gate.working)
+                pert = _once(lambda: perturbed_reference(op, drawn, dtype,
+                                                         working=gate.working))
+                _compare_outputs(oc, drawn, got, ref, base, dtype, st_, "out", pert=pert,
+                                 gate=gate)
+            return judge_forward
         cot = _cotangent(drawer, ref, dtype)
         record["cotangent"] = cot
         # the forward above validated these arguments and shaped the cotangent
         ref_g = _as_result(pullback(op, _map(drawn.args, _widen), kw | (
             {"dtype": "float64"} if "dtype" in kw else {}), _map(cot, _widen)))
-        base_g = baseline(op, drawn, dtype, cot)
-        pert_g = _once(lambda: perturbed_reference(op, drawn, dtype, cot))
         got_g = call_backend(_Vjp(backend.vjp, op), f"vjp({op!r})", timeout,
                              (*names, "cotangent"), (*drawn.args, cot), kw, owner)
         if not isinstance(got_g, (tuple, list)) or len(got_g) != len(drawn.args):
             raise _BackendError(f"vjp returned {type(got_g).__name__} of length "
                                 f"{len(got_g) if isinstance(got_g, (tuple, list)) else '-'}"
                                 f", but should be a tuple of {len(drawn.args)}")
-        for i, r in enumerate(ref_g):
-            _compare_outputs(oc, drawn, _output(got_g[i], f"vjp({op!r})"), r,
-                             None if base_g is None else base_g[i], dtype, stats,
-                             f"grad {names[i]}", _map(cot, _widen),
-                             lambda i=i: [None if p is None else p[i] for p in pert_g()])
+        grads = [_output(g, f"vjp({op!r})") for g in got_g]
+
+        def judge_vjp(gate: Gate, st_: _Stats) -> None:
+            base_g = baseline(op, drawn, dtype, cot, working=gate.working)
+            pert_g = _once(lambda: perturbed_reference(op, drawn, dtype, cot,
+                                                       working=gate.working))
+            for i, r in enumerate(ref_g):
+                _compare_outputs(oc, drawn, grads[i], r,
+                                 None if base_g is None else base_g[i], dtype, st_,
+                                 f"grad {names[i]}", _map(cot, _widen),
+                                 lambda i=i: [None if p is None else p[i] for p in pert_g()],
+                                 gate=gate)
+        return judge_vjp
 
     test = settings(
         max_examples=config.examples, deadline=None, database=None, derandomize=False,
@@ -785,7 +845,7 @@ def run_target(backend: Any, target: Target, config: Settings,
     )(seed(_seed_of(target, config.seed))(given(st.data())(example)))
 
     precision = {d: p for d, p in dict(getattr(backend, "precision", None) or {}).items()
-                 if d in DTYPES and p in lmspec._precision.UNIT_ROUNDOFF}
+                 if (d, p) in ENGINE_MODES}
     if precision.get(dtype, dtype) != dtype:
         result["precision"] = precision[dtype]
     with tolerance.declared_precision(precision), _fresh_examples():
@@ -812,6 +872,7 @@ def _verdict(done: Callable[..., dict[str, Any]], stats: _Stats,
     if stats.deviated:
         dev = deviation_for(deviations or {}, target)
         result["deviation_reason"] = getattr(dev, "reason", str(dev))
+        result["deviation"] = describe_deviation(deviation_key(deviations or {}, target), dev)
         msg = (stats.deviation or {}).get("message", "")
         return done("deviation", f"{msg} ({stats.deviated} of "
                     f"{stats.examples} examples deviate as declared)")
@@ -847,18 +908,56 @@ class _Vjp:
             raise InputModified(path.get(where, exc.path)) from None
 
 
-def deviation_for(deviations: Mapping[str, Any], t: Target) -> Any:
-    """A backend's declared deviation for this target, or ``None``: keys ``op``,
-    ``op/check`` or ``op/check/dtype`` (the narrowest match wins); the value is a reason
-    string or a :class:`lmspec.Deviation`."""
-    for key in (f"{t.op}/{t.check}/{t.dtype}", f"{t.op}/{t.check}", t.op):
+ENGINE_MODES = frozenset({("float32", "tf32")})
+"""The working precisions a backend may declare for a dtype (``precision``): documented
+engine modes only (TF32 products for float32, CUDA). Anything else is ignored here and
+refused when the backend loads: a declared precision loosens the gate."""
+
+
+def deviation_key(deviations: Mapping[str, Any], t: Target) -> str | None:
+    """The key of a backend's declared deviation for this target, or ``None``: keys
+    ``op/check/dtype``, ``op/check``, ``op/*/dtype`` (every check of the op in one dtype)
+    and ``op``, the narrowest match winning (CONTRACT §3)."""
+    for key in (f"{t.op}/{t.check}/{t.dtype}", f"{t.op}/{t.check}", f"{t.op}/*/{t.dtype}",
+                t.op):
         if key in deviations:
-            return deviations[key]
+            return key
     return None
 
 
+def deviation_for(deviations: Mapping[str, Any], t: Target) -> Any:
+    """The declared deviation for this target (see :func:`deviation_key`), or ``None``.
+    A deviation with neither a predicate nor a bound (a plain reason string among them)
+    covers nothing: the backend loader refuses it, and it is never applied here."""
+    key = deviation_key(deviations, t)
+    dev = None if key is None else deviations[key]
+    if dev is None or (getattr(dev, "applies", None) is None
+                       and getattr(dev, "bound", None) is None):
+        return None
+    return dev
+
+
+def _excused(dev: Any, drawn: Any, judge: Callable[[Gate, _Stats], None]) -> bool:
+    """Does the deviation excuse this example? It must cover it (its predicate) and,
+    with a bound, the example must pass at the bound's gate: a ratio (error up to
+    ``bound`` × the tolerance) or a working precision (judged as if computed in it)."""
+    if not _covers(dev, drawn):
+        return False
+    bound = getattr(dev, "bound", None)
+    if bound is None:
+        return True
+    gate = Gate(working=bound) if isinstance(bound, str) else Gate(limit=float(bound))
+    try:
+        with np.errstate(all="ignore"):
+            judge(gate, _Stats())
+    except _Mismatch:
+        return False
+    return True
+
+
 def _covers(dev: Any, drawn: Any) -> bool:
-    """Does the deviation cover this example? (A predicate that raises covers nothing.)"""
+    """Does the deviation's predicate cover this example? (None covers every example; a
+    predicate that raises covers nothing.)"""
     applies = getattr(dev, "applies", None)
     if applies is None:
         return True
@@ -868,6 +967,15 @@ def _covers(dev: Any, drawn: Any) -> bool:
         return bool(applies(_copy(tuple(args)), _copy(kwargs)))
     except Exception:  # noqa: BLE001
         return False
+
+
+def describe_deviation(key: str | None, dev: Any) -> dict[str, Any]:
+    """A declared deviation as reports list it: key, reason, whether it has a predicate,
+    and its bound (a ratio, a working precision, or ``None``)."""
+    bound = getattr(dev, "bound", None)
+    return {"key": key, "reason": str(getattr(dev, "reason", dev)),
+            "predicate": getattr(dev, "applies", None) is not None,
+            "bound": bound if isinstance(bound, str) or bound is None else float(bound)}
 
 
 def reproduce_command(t: Target, config: Settings) -> str:

@@ -1,28 +1,38 @@
-"""The tolerance policy, in one place (the README explains it for readers of reports).
+"""The tolerance policy, in one place (docs/tolerance.md explains it for readers).
 
 For each output array of an example, with ``r`` the float64 reference on the very
-inputs the backend received, ``b`` the backend's answer and ``s`` the spec's own
-formulas evaluated in the dtype under test (the *baseline*):
+inputs the backend received, ``b`` the backend's answer and ``s`` the *baseline*:
 
-    max|b − r|  ≤  C_BASE · max|s − r|  +  C_FLOOR · √k · u · M
+    max|b − r|  ≤  C_BASE · max|s − r|  +  C_FLOOR · √k · u_w · M  +  u_d · max|r|
 
-``u`` is the unit roundoff of the dtype (fp64 2⁻⁵³, fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸),
-``k`` the op's reduction length and ``M`` the magnitude of the result as conditioned
-by its inputs: the largest of ``max|r|``, an op-declared input-derived scale, and the
-*measured* sensitivity ``max|r̃ − r| / u`` over the reference evaluations ``r̃`` of
-:mod:`lmspec.conformance.conditioning` (1 when all are 0): the data a backward-stable
-implementation of the literal formula effectively computes with — inputs perturbed
-normwise (``±u·max|x|``) and componentwise (``x·(1 ± u)``, random and checkerboard
-signs), float hyperparameters at their dtype or float32 representation, and constants
-of the literal formula (the p-norm's ``fl(1/p)``) rounded. The last makes the floor
-follow the op's conditioning wherever it is (cancellation to an exact 0, long
-recurrences, normalisation of near-constant rows) without a hand-derived bound per op.
-The first term is FlashAttention's gate: a backend may be at most ``C_BASE`` times less
-accurate than the textbook formula run in the same precision. The second is a
-rounding-error bound for a length-``k`` reduction with random-walk growth. NaN and
-±inf must match position for position, except that a finite reference beyond the
-dtype's largest value may be answered with the ±inf it rounds to. ``worst_ratio`` =
-error / tolerance (≤ 1 passes).
+**Working precision.** Each dtype ``d`` is judged at a working precision ``w``: the
+precision its intermediates are computed in (CONTRACT §6, 2026-12-06). float32 and
+float64 work in themselves. float16 and bfloat16 are *stored* in the dtype but every
+intermediate (sums, dot products, softmax and normalisation statistics, rotary angles,
+loss accumulations) is computed in float32, as production kernels do: ``w = float32``.
+A backend may declare a documented engine mode (TF32 products for float32), and a
+deviation may judge the examples it covers at a coarser ``w`` (its ``bound``).
+
+- ``s`` is the spec's own formula evaluated in ``w`` on the inputs (which are exact in
+  ``d``), its output rounded to ``d``: the textbook formula computed the way the model
+  says. FlashAttention's gate: a backend may be at most ``C_BASE`` times less accurate.
+- ``C_FLOOR·√k·u_w·M`` bounds the rounding of the intermediates: ``u_w`` the unit
+  roundoff of the working precision (fp64 2⁻⁵³, fp32 2⁻²⁴, TF32 2⁻¹¹), ``k`` the op's
+  reduction length and ``M`` the magnitude of the result as conditioned by its inputs:
+  the largest of ``max|r|``, an op-declared input-derived scale (a size per unit of
+  relative perturbation, such as the rotary angle's ``max|x|·max|position|``), and the
+  *measured* sensitivity ``max|r̃ − r| / u_w`` over the reference evaluations ``r̃`` of
+  :mod:`lmspec.conformance.conditioning`, whose perturbations model rounding at ``w``.
+- ``u_d·max|r|`` is the output's own rounding to ``d``, present only when ``d`` is
+  coarser than ``w`` (the half dtypes).
+
+So in float16/bfloat16 the gate admits what a kernel that rounds once, at its output,
+errs, and rejects a kernel that rounds an intermediate to half precision where that
+shows (a half accumulator, rotary angles in half, a residual rounded before the norm).
+In float32/float64 the last term is absent and ``w = d``: the policy is unchanged.
+NaN and ±inf must match position for position, except that a finite reference beyond
+the dtype's largest value may be answered with the ±inf it rounds to. ``worst_ratio``
+= error / tolerance (≤ 1 passes).
 
 The measured term only ever raises the tolerance, so the conformance harness measures
 it lazily: an example whose error is at most :data:`MEASURED_ABOVE` of the tolerance
@@ -49,14 +59,20 @@ C_FLOOR = 4.0
 MEASURED_ABOVE = 0.1
 """The harness measures an example's conditioning only when its error exceeds this
 fraction of the tolerance without the measured term (see the module docstring)."""
-POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u*M "
-          "(baseline = spec evaluated in the dtype under test; M = max(max|r|, declared scale, "
-          "max|r(x̃) - r|/u), x̃ = inputs perturbed normwise ± u·max|x| and componentwise "
-          "x·(1 ± u), float hyperparameters at their dtype/float32 rounding, literal "
-          "constants such as fl(1/p) rounded; NaN/inf positions must match; "
+POLICY = (f"max|b-r| <= {C_BASE:g}*max|baseline-r| + {C_FLOOR:g}*sqrt(k)*u_w*M + u_d*max|r| "
+          "(w = working precision: float32 for float16/bfloat16 (intermediates in float32, "
+          "CONTRACT §6), the dtype itself otherwise, or a declared engine mode; baseline = "
+          "spec evaluated in w, output rounded to the dtype d; the u_d term only where d is "
+          "coarser than w; M = max(max|r|, declared scale, max|r(x̃) - r|/u_w), x̃ = inputs "
+          "perturbed normwise ± u_w·max|x| and componentwise x·(1 ± u_w), float "
+          "hyperparameters at their w/float32 rounding, literal constants such as fl(1/p) "
+          "rounded; NaN/inf positions must match; "
           f"max|r(x̃) - r| measured only where the error exceeds {MEASURED_ABOVE:g} of the "
           "tolerance without it, so ratios below that are upper bounds)")
 
+
+HALF = ("float16", "bfloat16")
+"""The dtypes stored in half precision and computed in float32 (CONTRACT §6)."""
 
 _PRECISION: ContextVar[Mapping[str, str] | None] = ContextVar("lmspec_declared_precision",
                                                               default=None)
@@ -64,25 +80,54 @@ _PRECISION: ContextVar[Mapping[str, str] | None] = ContextVar("lmspec_declared_p
 
 @contextmanager
 def declared_precision(precision: Mapping[str, str]) -> Iterator[None]:
-    """Within this block, the floor of dtype ``d`` uses the unit roundoff of
-    ``precision[d]``: a backend that declares it computes float32 with TF32 products
-    (``{"float32": "tf32"}``) is judged against TF32's ``u = 2⁻¹¹``, not float32's. The
-    baseline gate is unchanged (the spec in the storage dtype)."""
-    token = _PRECISION.set(dict(precision))
+    """Within this block, dtype ``d`` is judged at the working precision
+    ``precision[d]`` (see :func:`working_precision`): a backend that declares it computes
+    float32 with TF32 products (``{"float32": "tf32"}``) is judged with TF32's
+    ``u = 2⁻¹¹``; a deviation bounded by a working precision judges the examples it
+    covers at that precision. Entries stack over an enclosing block's."""
+    token = _PRECISION.set({**(_PRECISION.get() or {}), **dict(precision)})
     try:
         yield
     finally:
         _PRECISION.reset(token)
 
 
-def floor_u(dtype: str) -> float:
-    """The unit roundoff of the floor: the dtype's, or the declared working precision's."""
-    return UNIT_ROUNDOFF[(_PRECISION.get() or {}).get(dtype, dtype)]
+def working_precision(dtype: str) -> str:
+    """The precision the intermediates of ``dtype`` are judged at: a declared one (see
+    :func:`declared_precision`), else float32 for the half dtypes, else the dtype."""
+    declared = (_PRECISION.get() or {}).get(dtype)
+    if declared:
+        return declared
+    return "float32" if dtype in HALF else dtype
 
 
-def floor(dtype: str, k: int, scale: float) -> float:
-    """The rounding-error floor ``C_FLOOR·√k·u·M``."""
-    return C_FLOOR * math.sqrt(max(int(k), 1)) * floor_u(dtype) * (scale or 1.0)
+def compute_dtype(working: str) -> str:
+    """The NumPy dtype that evaluates the spec at ``working`` precision (TF32 is float32
+    storage with shorter products: its baseline is float32's, its ``u`` TF32's)."""
+    return "float32" if working == "tf32" else working
+
+
+def coarser(a: str, b: str) -> str:
+    """Of two precisions, the one with the larger unit roundoff."""
+    return a if UNIT_ROUNDOFF[a] >= UNIT_ROUNDOFF[b] else b
+
+
+def floor_u(dtype: str, working: str | None = None) -> float:
+    """The unit roundoff of the floor: the working precision's (:func:`working_precision`
+    unless ``working`` is given)."""
+    return UNIT_ROUNDOFF[working or working_precision(dtype)]
+
+
+def floor(dtype: str, k: int, scale: float, working: str | None = None) -> float:
+    """The rounding-error floor ``C_FLOOR·√k·u_w·M``."""
+    return C_FLOOR * math.sqrt(max(int(k), 1)) * floor_u(dtype, working) * (scale or 1.0)
+
+
+def output_rounding(dtype: str, working: str, magnitude: float) -> float:
+    """``u_d·max|r|``: the output's own rounding to ``dtype``, where it is coarser than
+    the working precision (0 otherwise: the floor already covers it)."""
+    u_d, u_w = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[working]
+    return u_d * magnitude if u_d > u_w else 0.0
 
 
 @dataclass
@@ -113,7 +158,8 @@ def _where(name: str, idx: tuple[int, ...]) -> str:
 
 def compare(name: str, got: object, ref: object, base: object | None, dtype: str, k: int,
             scale: float | None = None, *, c_base: float = C_BASE,
-            perturbed: object | Callable[[], object] | None = None) -> Verdict:
+            perturbed: object | Callable[[], object] | None = None,
+            working: str | None = None, limit: float = 1.0) -> Verdict:
     """Compare ``got`` with the reference ``ref`` under the policy above.
 
     ``perturbed`` is the reference evaluated on perturbed inputs (see
@@ -121,7 +167,11 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
     distance from ``ref``, divided by ``u``, is the measured conditioning of this output,
     and ``M`` is at least that. Given as a function of no arguments, it is called only
     when the error exceeds :data:`MEASURED_ABOVE` of the tolerance without it.
+    ``working`` is the working precision (default :func:`working_precision`); ``limit``
+    the largest error/tolerance ratio that passes (1; a deviation's ratio bound).
     """
+    w = working or working_precision(dtype)
+    u_c = UNIT_ROUNDOFF[compute_dtype(w)]
     g = np.asarray(got, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
     if g.shape != r.shape:
@@ -149,25 +199,31 @@ def compare(name: str, got: object, ref: object, base: object | None, dtype: str
             usable = fin & np.isfinite(s)
             base_err = float(np.where(usable, np.abs(s - r), 0.0).max(initial=0.0))
     m = max(mag, scale or 0.0)
+    out = output_rounding(dtype, w, mag)
     measured = not callable(perturbed)
     if not measured:  # the tolerance without the measured term is a lower bound of it
-        lower = c_base * base_err + (floor(dtype, k, m) if m > 0 else 0.0)
-        if max_abs > MEASURED_ABOVE * lower:
+        lower = c_base * base_err + (floor(dtype, k, m, w) if m > 0 else 0.0) + out
+        if max_abs > MEASURED_ABOVE * lower * limit:
             perturbed, measured = perturbed(), True
     if measured:
-        m = max(m, _sensitivity(r, fin, perturbed) / UNIT_ROUNDOFF[dtype]) or 1.0
-    tol = c_base * base_err + (floor(dtype, k, m) if m > 0 else 0.0)
+        m = max(m, _sensitivity(r, fin, perturbed) / u_c) or 1.0
+    tol = c_base * base_err + (floor(dtype, k, m, w) if m > 0 else 0.0) + out
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = np.where(fin & (r != 0), err / np.abs(r), np.where(err > 0, np.inf, 0.0))
     max_rel = float(rel.max(initial=0.0))
     ratio = max_abs / tol if tol > 0 else (0.0 if max_abs == 0 else math.inf)
-    if ratio <= 1.0:
+    if ratio <= limit:
         return Verdict(True, max_abs, max_rel, ratio, tol, measured=measured)
     idx = _first(err == max_abs)
+    terms = (f"{c_base:g}·baseline err {base_err:.3g} + floor(k={k}, M={m:.3g}, "
+             f"u_{w}={UNIT_ROUNDOFF[w]:.3g})")
+    if out:
+        terms += f" + output rounding {out:.3g}"
+    bound = f" × bound {limit:g}" if limit != 1.0 else ""
     return Verdict(False, max_abs, max_rel, ratio, tol,
                    f"{_where(name, idx)}={_fmt(g[idx])}, but should be {_fmt(r[idx])} "
-                   f"(|err| {max_abs:.3g} > tolerance {tol:.3g}: {c_base:g}*baseline err "
-                   f"{base_err:.3g} + floor(k={k}, M={m:.3g}))", measured=measured)
+                   f"(|err| {max_abs:.3g} > tolerance {tol:.3g}{bound} = {terms})",
+                   measured=measured)
 
 
 def _sensitivity(r: np.ndarray, fin: np.ndarray, perturbed: object) -> float:
