@@ -256,6 +256,25 @@ def _check_window(op: str, window) -> tuple[int | None, int | None] | None:
                  for w in window)
 
 
+def visibility(n_q: int, n_k: int, q_offset: int, is_causal: bool,
+               window: tuple[int | None, int | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(allow[L, S], rel[L, S])``: key ``j`` (position ``j``) is visible to query ``i``
+    (position ``q_offset + i``) iff ``j ≤ q_offset + i`` when causal and ``−left ≤ rel ≤
+    right`` for ``window = (left, right)``; ``rel = j − (q_offset + i)``. Shared with the
+    serving family's paged attention."""
+    rel = np.arange(n_k)[None, :] - (q_offset + np.arange(n_q))[:, None]
+    allow = np.ones((n_q, n_k), dtype=bool)
+    if is_causal:
+        allow &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allow &= rel >= -left
+        if right is not None:
+            allow &= rel <= right
+    return allow, rel
+
+
 def _check_gqa(q, k, v_, mask, is_causal, scale, q_offset, window, alibi_slopes, softcap):
     op = "grouped_query_attention"
     qq = v.floats(op, "q", q, ndim=4)
@@ -283,45 +302,28 @@ def _check_gqa(q, k, v_, mask, is_causal, scale, q_offset, window, alibi_slopes,
             v.fail(op, "alibi_slopes", f"shape [h={h}] or [B={b}, h={h}]",
                    f"shape {slopes.shape}")
     cap = None if softcap is None else _finite(op, "softcap", softcap, low=0.0, low_open=True)
-    # visibility of key j (position j) to query i (position q_offset + i)
-    rel = np.arange(n_k)[None, :] - (off + np.arange(n_q))[:, None]  # j − (q_offset + i)
-    allow = np.ones((n_q, n_k), dtype=bool)
-    if causal:
-        allow &= rel <= 0
-    if win is not None:
-        left, right = win
-        if left is not None:
-            allow &= rel >= -left
-        if right is not None:
-            allow &= rel <= right
+    allow, rel = visibility(n_q, n_k, off, causal, win)
     allow = allow if m is None else m & allow
     if m is None and not causal and win is None:
         allow = None  # every key visible: the softmax needs no mask
     return qq, kk, vv, None if allow is None else np.broadcast_to(allow, full), s, rel, slopes, cap
 
 
-def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
-    """``s = scale·q kᵀ`` (key/value head ``j // (h/g)`` for query head ``j``), capped
-    ``s ← c·tanh(s/c)``, biased ``s −= slope·|rel|``, ``O = softmax_visible(s) V``.
-    Pullback: the attention pullback gives ``∂s``; the bias is constant; the cap
-    multiplies by ``1 − tanh²``; ``∂q = scale·∂s K``, ``∂K = scale·∂sᵀ q`` and ``∂V = Pᵀ ∂O``
-    are summed over the ``h/g`` query heads that share a key/value head.
+def gqa_scores(q, k, scale, rel, slopes, cap):
+    """The grouped scores ``[B, g, (h/g)·L, S]`` of ``q[B,h,L,E]`` against ``k[B,g,S,E]``:
+    ``s = scale·q kᵀ`` (key/value head ``j // (h/g)`` for query head ``j``), capped
+    ``s ← c·tanh(s/c)``, biased ``s −= slope·|rel|``; and the pullback ``∂s -> (∂q, ∂k)``
+    (the bias is constant; the cap multiplies by ``1 − tanh²``; ``∂q = scale·∂s K``,
+    ``∂K = scale·∂sᵀ q``, summed over the ``h/g`` query heads that share a key/value head).
 
     The ``h/g`` query heads of a group are stacked along the rows (``[B, g, (h/g)·L, E]``,
     a free reshape of ``[B, h, L, E]``), so each product is one GEMM per key/value head
-    against the unrepeated keys and values, and the sums over a group fall out of the
-    products ``∂sᵀ q`` and ``Pᵀ ∂O``."""
+    against the unrepeated keys, and the sums over a group fall out of ``∂sᵀ q``. Shared
+    with the serving family's paged attention."""
     b, h, n_q, e = q.shape
     g = k.shape[1]
     rep = h // g
-
-    def grouped(x):  # [B, h, L, ·] -> [B, g, (h/g)·L, ·]
-        return x.reshape(b, g, rep * n_q, x.shape[-1])
-
-    def per_head(x):  # [B, g, (h/g)·L, ·] -> [B, h, L, ·]
-        return x.reshape(b, h, n_q, x.shape[-1])
-
-    qg = grouped(np.ascontiguousarray(q))
+    qg = np.ascontiguousarray(q).reshape(b, g, rep * n_q, e)
     s = qg @ np.swapaxes(k, -1, -2)
     s *= fl(scale)
     t = None
@@ -330,21 +332,41 @@ def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
         s = fl(cap) * t
     if slopes is not None:
         sl = slopes[None, :] if slopes.ndim == 1 else slopes
-        s = grouped(per_head(s) - sl[:, :, None, None] * fl(np.abs(rel)))
+        s = (s.reshape(b, h, n_q, -1) - sl[:, :, None, None] * fl(np.abs(rel))).reshape(s.shape)
+
+    def back(ds):
+        if t is not None:
+            ds = ds * (1 - t * t)
+        dq = ds @ k
+        dq *= fl(scale)
+        dk = np.swapaxes(ds, -1, -2) @ qg
+        dk *= fl(scale)
+        return dq.reshape(b, h, n_q, e), dk
+
+    return s, back
+
+
+def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
+    """``O = softmax_visible(s) V`` over the scores of :func:`gqa_scores`. Pullback: the
+    attention pullback gives ``∂s`` and ``∂V = Pᵀ ∂O`` (summed over a group by the
+    product), then :func:`gqa_scores`' pullback."""
+    b, h, n_q, _ = q.shape
+    g = k.shape[1]
+    rep = h // g
+
+    def grouped(x):  # [B, h, L, ·] -> [B, g, (h/g)·L, ·]
+        return x.reshape(b, g, rep * n_q, x.shape[-1])
+
+    s, score_back = gqa_scores(q, k, scale, rel, slopes, cap)
     allow_g = None if allow is None else grouped(np.ascontiguousarray(allow))
     (out, _), attend_back = _attend_fwd(s, allow_g, v_, overwrite=True)
 
     def back(d_out):
         ds, dv = attend_back(grouped(np.ascontiguousarray(d_out)))
-        if t is not None:
-            ds *= 1 - t * t
-        dq = ds @ k
-        dq *= fl(scale)
-        dk = np.swapaxes(ds, -1, -2) @ qg
-        dk *= fl(scale)
-        return {"q": per_head(dq), "k": dk, "v": dv}
+        dq, dk = score_back(ds)
+        return {"q": dq, "k": dk, "v": dv}
 
-    return per_head(out), back
+    return out.reshape(b, h, n_q, -1), back
 
 
 @reference("modern", diff=("q", "k", "v"))
