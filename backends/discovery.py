@@ -95,9 +95,18 @@ class Entry:
 
     def row(self) -> dict[str, Any]:
         """The report's / ``lmspec backends --json``'s record of this backend."""
-        return {"name": self.name, "device": self.device, "dtypes": list(self.dtypes),
-                "plugin": self.source.label, "source": self.source.kind,
-                "version": self.source.version, "status": self.status, "info": self.info}
+        row = {"name": self.name, "device": self.device, "dtypes": list(self.dtypes),
+               "plugin": self.source.label, "source": self.source.kind,
+               "version": self.source.version, "status": self.status, "info": self.info}
+        devs = self.descriptor.get("deviations") or {}
+        if devs:  # every declared deviation: key, reason, predicate?, bound (CONTRACT §3)
+            row["deviations"] = [{"key": k, "reason": d.get("reason", ""),
+                                  "predicate": bool(d.get("predicate")),
+                                  "bound": d.get("bound")} for k, d in sorted(devs.items())]
+        precision = self.descriptor.get("precision") or {}
+        if precision:
+            row["precision"] = dict(precision)
+        return row
 
 
 class BackendTable:

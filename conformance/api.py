@@ -62,7 +62,9 @@ def check(op: str, fn: Callable[..., Any], *, dtypes: Iterable[str] | None = Non
     non-differentiable ones); default ``fn.vjp`` if present (the adapters set it), else
     the ``vjp`` check is ``unsupported``. ``checks``: default ``forward``, ``vjp`` and the
     op's properties. ``profile``/``max_examples``/``seed`` as for ``lmspec run``;
-    ``deviations`` as a backend's (keys ``op``, ``op/check``, ``op/check/dtype``).
+    ``deviations`` as a backend's (keys ``op``, ``op/check``, ``op/check/dtype``,
+    ``op/*/dtype``; values :class:`lmspec.Deviation` with a predicate or a bound — one
+    with neither is refused with a ``ValueError``, as a backend's is at load).
     The records are those of a report (CONTRACT §5); ``reproduce`` is the call to
     :func:`check` that replays a failure.
     """
@@ -79,6 +81,10 @@ def check(op: str, fn: Callable[..., Any], *, dtypes: Iterable[str] | None = Non
     for c in wanted:
         if c not in known:
             raise ValueError(f"{c!r} is not a check of {op} (known: {', '.join(known)})")
+    from lmspec.backends.host import deviation_descriptor
+
+    for key, dev in (deviations or {}).items():
+        deviation_descriptor(str(key), dev)  # ValueError: the same refusal as at load
     backend = _OneOp(op, fn, vjp if vjp is not None else getattr(fn, "vjp", None), _name(fn),
                      dts, deviations)
     config = harness.Settings(profile=profile, max_examples=max_examples, seed=seed)

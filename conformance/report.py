@@ -275,18 +275,57 @@ CONVENTIONS = [
 ]
 
 
+def bound_text(bound: Any) -> str:
+    """A deviation's bound for people: ``none``, ``4× tolerance``, ``working precision
+    float16``."""
+    if bound is None:
+        return "none (predicate only)"
+    if isinstance(bound, str):
+        return f"working precision {bound}"
+    return f"{float(bound):g}× tolerance"
+
+
+def declared_deviations(backends: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown: every deviation each backend declared (key, bound, whether a predicate
+    selects its examples, reason), whether or not a check needed it."""
+    out: list[str] = []
+    for b in backends:
+        devs = b.get("deviations") or []
+        if not devs:
+            continue
+        out += ["", f"### Deviations declared by {b['name']}", ""]
+        out.append(tabulate([[f"`{d['key']}`", bound_text(d.get("bound")),
+                              "yes" if d.get("predicate") else "no", one_line(d["reason"], 400)]
+                             for d in devs], ["key", "bound", "predicate", "reason"],
+                            tablefmt="github"))
+    return out
+
+
 def label(r: dict[str, Any]) -> str:
     """A result's verdict for people: its status, or ``partial`` for a partial pass."""
     return "partial" if r["status"] == "pass" and r.get("partial") else r["status"]
 
 
+def precision_note(r: dict[str, Any]) -> str:
+    """The working precision a verdict was judged at where it is not the dtype's own
+    (CONTRACT §6): a declared engine mode (``at tf32``) or the precision bound of the
+    deviation that excused it (``at float16``); ``""`` otherwise."""
+    bound = (r.get("deviation") or {}).get("bound")
+    if r["status"] == "deviation" and isinstance(bound, str):
+        return f"at {bound}"
+    return f"at {r['precision']}" if r.get("precision") else ""
+
+
 def status_text(r: dict[str, Any]) -> str:
-    """The verdict with its counts where it needs them (``partial pass (3 of 10 checked)``)."""
+    """The verdict with its counts where it needs them (``partial pass (3 of 10 checked)``)
+    and the working precision it was judged at, where declared (``pass [at tf32]``)."""
     lab = label(r)
+    note = precision_note(r)
+    suffix = f" [{note}]" if note else ""
     if lab == "partial":
         drawn = r.get("examples", 0) + r.get("unsupported_examples", 0)
-        return f"partial pass ({r.get('examples', 0)} of {drawn} checked)"
-    return MARK[lab] if lab != "pass" else "pass"
+        return f"partial pass ({r.get('examples', 0)} of {drawn} checked){suffix}"
+    return (MARK[lab] if lab != "pass" else "pass") + suffix
 
 
 def cell(results: Sequence[dict[str, Any]]) -> str:
@@ -298,10 +337,12 @@ def cell(results: Sequence[dict[str, Any]]) -> str:
     groups: dict[str, list[str]] = {}
     for r in results:
         groups.setdefault(label(r), []).append(r["check"])
+    notes = sorted({n for n in map(precision_note, results) if n})
+    suffix = f" [{', '.join(notes)}]" if notes else ""
     if len(groups) == 1:
-        return MARK[next(iter(groups))]
+        return MARK[next(iter(groups))] + suffix
     return "; ".join(f"{MARK[lab]} ({', '.join(dict.fromkeys(groups[lab]))})"
-                     for lab in SEVERITY if lab in groups and lab != "pass")
+                     for lab in SEVERITY if lab in groups and lab != "pass") + suffix
 
 
 def worst_label(results: Sequence[dict[str, Any]]) -> str:
@@ -396,6 +437,7 @@ def markdown(report: dict[str, Any]) -> str:
                           b["version"], b["status"]] for b in report["backends"]],
                         ["backend", "device", "dtypes", "plugin", "version", "status"],
                         tablefmt="github"))
+    out += declared_deviations(report["backends"])
     out += ["", "## Results (op × backend × dtype)", ""]
     headers, rows = comparison(report["results"])
     out.append(tabulate(rows, headers, tablefmt="github") if rows else "(no results)")
