@@ -38,7 +38,7 @@ from lmspec import training as tr
 from lmspec._precision import DTYPES, UNIT_ROUNDOFF
 
 from . import draw as d
-from .conditioning import pnorm_rounding
+from .conditioning import exponent_error, pnorm_rounding
 from .declare import Call, Close, Holds, cases, prop
 from .tolerance import floor
 
@@ -416,10 +416,14 @@ def clipped_norm_at_most_max_norm(run, call: Call, dtype: str):
     (clipped, _), p = run("clip_grad_norm", grads, **call.kwargs), call.kwargs["norm_type"]
     if not np.any(_flat(grads)):
         return
-    after = float(np.linalg.norm(_flat(clipped), ord=p))
+    # the spec's own scaled norm m·‖g/m‖_p: the literal (Σ|g|^p)^(1/p) of np.linalg.norm
+    # overflows for |g| ≈ 1e152 and p = 3 in float64, failing a correct implementation
+    after = float(tr.global_norm((_flat(clipped),), p))
     limit = call.kwargs["max_norm"]
-    # the literal S^fl(1/p), of the backend's norm and of this one (conformance.conditioning)
-    rho = pnorm_rounding(grads, p, dtype) + pnorm_rounding(clipped, p, "float64")
+    # the literal S^fl(1/p) of the backend's norm (conformance.conditioning); this one's
+    # power sum lies in [1, n], so its exponent's rounding costs at most δ·ln n
+    rho = pnorm_rounding(grads, p, dtype) + exponent_error(p, "float64") * math.log(
+        _n_elements(call))
     yield Close("max(‖clipped‖ − max_norm, 0) = 0", max(after - limit, 0.0), 0.0,
                 k=_n_elements(call), scale=max(1.0, limit) + limit * rho / UNIT_ROUNDOFF[dtype])
 
