@@ -237,7 +237,7 @@ default (``None``), made explicit so that the scalar perturbation moves them too
 ACTIVATED = frozenset({
     "rnn_cell", "lstm_cell", "gru_cell", "rnn", "lstm", "gru", "window_lm", "rnn_lm_loss",
     "text_classifier_loss", "additive_attention", "gated_mlp", "grouped_query_attention",
-    "fused_linear_cross_entropy"})
+    "fused_linear_cross_entropy", "paged_attention"})
 """The ops whose reference passes a ``tanh`` or ``σ`` output through
 :func:`lmspec._precision.activation` (for some of their inputs: ``rnn`` with ``relu``,
 GQA without ``softcap`` have none); tests/test_conditioning.py keeps the set exact."""
