@@ -21,6 +21,7 @@ import numpy as np
 
 import lmspec
 from lmspec._precision import DTYPES
+from lmspec.sampling import SAMPLERS
 
 _DEVICE: ContextVar[str] = ContextVar("lmspec_torch_device", default="cpu")
 
@@ -114,6 +115,9 @@ class TorchBackend:
             mod = importlib.import_module(f"lmspec.backends.torch_{fam}")
             impls.update({op: getattr(mod, op) for op, d in lmspec.OPS.items()
                           if d.family == fam and callable(getattr(mod, op, None))})
+        sampling = importlib.import_module("lmspec.backends.torch_sampling")
+        impls.update({m: getattr(sampling, m) for m in SAMPLERS  # sampler methods (§2)
+                      if callable(getattr(sampling, m, None))})
         return {**impls, **self.kernels}
 
     @cached_property
@@ -126,7 +130,7 @@ class TorchBackend:
         return {k: v for k, v in out.items() if k.split("/")[0] not in self.kernels}
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
-        if op.startswith("_") or op not in lmspec.OPS:
+        if op.startswith("_") or (op not in lmspec.OPS and op not in SAMPLERS):
             raise AttributeError(op)
         impl = self._impls.get(op)
         if impl is None:

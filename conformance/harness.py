@@ -726,11 +726,16 @@ def run_target(backend: Any, target: Target, config: Settings,
     def run_as_backend(name: str, *args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         fn = getattr(backend, name, None)
+        if name in lmspec.OPS:
+            names, kw = lmspec.OPS[name].params, _op_kwargs(name, Call(args, kwargs), dtype)
+        else:  # a sampler method, not a catalogue op (draw_tokens, draw_speculative; §2)
+            from .statistical import sampler_call
+
+            fn, names, kw = sampler_call(backend, name, fn, kwargs, result)
         if fn is None:
             raise _Unsupported(f"{target.backend} does not implement {name} (used by {check})")
-        kw = _op_kwargs(name, Call(args, kwargs), dtype)
-        return _output(call_backend(fn, f"{name}()", timeout, lmspec.OPS[name].params,
-                                    args, kw, owner), f"{name}()")
+        return _output(call_backend(fn, f"{name}()", timeout, names, args, kw, owner),
+                       f"{name}()")
 
     # one strategy object per check: Hypothesis validates each new one it is handed
     inputs = ((prop.strategy or oc.strategy) if prop else (

@@ -310,6 +310,8 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     ``≥ top_p`` (at least one; Holtzman et al. 2020) and renormalise; return the first
     token in that order whose cumulative mass exceeds the given draw ``u ∈ [0, 1)``.
     ``temperature = 0`` is greedy: the arg max of the logits, lowest id among ties.
+    The filtered distribution is ``sampling_probs`` (sampling family), computed by the
+    same function (``lmspec.sampling.sorted_filtered``).
     ``top_p = 1`` disables the nucleus filter; ``top_p = 0`` keeps one token. Then min-p
     (Nguyen et al. 2024): keep the tokens whose renormalised probability is ``≥ min_p ×``
     the largest and renormalise (``min_p ∈ [0, 1]``; 0 changes nothing).
@@ -318,8 +320,9 @@ def sample_token(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     gives an empty result.
     """
     x, uu, temp, k, pp, mp = _check_sample(logits, u, temperature, top_k, top_p, min_p)
-    if temp == 0:
-        return np.argmax(x, axis=-1).astype(np.int64)
-    order, ps = sorted_probs(x, temp)
-    rank = _inverse_cdf(filter_sorted(ps, k, pp, mp), uu)
+    # the very distribution of sampling_probs (sampling family, declared after this one)
+    from .sampling import sorted_filtered
+
+    order, ps = sorted_filtered(x, temp, k, pp, mp)
+    rank = _inverse_cdf(ps, uu)
     return np.take_along_axis(order, rank[:, None], axis=-1)[:, 0].astype(np.int64)
