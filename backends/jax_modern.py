@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmspec import Deviation
-from lmspec.backends.jax_attention import FLOAT32_SOFTMAX, head_dims_matched
+from lmspec.backends.jax_attention import (
+    FLOAT32_SOFTMAX,
+    MEAN_OF_VALUES,
+    call_arguments,
+    head_dims_matched,
+    no_key_row,
+)
 
 NOTES = {
     "rms_norm": "JAX has no RMS-norm function: x · jax.lax.rsqrt(mean(x², -1) + eps) · weight "
@@ -28,7 +35,7 @@ NOTES = {
     "grouped_query_attention": "jax.nn.dot_product_attention (XLA) on [B, L, h, E] with the "
     "key/value heads as its K < N heads, scale passed through, bias = −slope·|q_offset + i "
     "− j| (ALiBi), boolean mask = mask ∧ causal at q_offset ∧ window; a query that sees no "
-    "key is given zeros (jax gives it the mean of the values); Ev ≠ E padded with zero "
+    "key gets jax's mean of the values (see DEVIATIONS); Ev ≠ E padded with zero "
     "features as for scaled_dot_product_attention. softcap has no "
     "jax.nn.dot_product_attention form (a nonlinearity of the scores): with softcap the op "
     "is composed from jnp.einsum, "
@@ -44,13 +51,41 @@ STATIC = {"fused_linear_cross_entropy": ("label_smoothing", "z_loss")}
 
 
 def _without_softcap(args, kwargs) -> bool:
-    return kwargs.get("softcap") is None
+    return call_arguments("grouped_query_attention", args, kwargs)["softcap"] is None
+
+
+def _gqa_no_key(args, kwargs) -> bool:
+    """Without softcap (jax.nn.dot_product_attention), some query sees no key: the mask,
+    causality at q_offset and the window leave it none."""
+    a = call_arguments("grouped_query_attention", args, kwargs)
+    if a["softcap"] is not None:
+        return False
+    n_q, n_k = np.asarray(a["q"]).shape[2], np.asarray(a["k"]).shape[2]
+    rel = np.arange(n_k)[None, :] - (int(a["q_offset"]) + np.arange(n_q))[:, None]
+    allow = np.ones((n_q, n_k), bool)
+    if a["is_causal"]:
+        allow &= rel <= 0
+    if a["window"] is not None:
+        left, right = a["window"]
+        if left is not None:
+            allow &= rel >= -left
+        if right is not None:
+            allow &= rel <= right
+    if a["mask"] is not None:
+        m = np.asarray(a["mask"], bool)
+        allow = allow & m.reshape((1,) * (4 - m.ndim) + m.shape)
+    return no_key_row(allow)
 
 
 DEVIATIONS = {
+    "grouped_query_attention": Deviation(
+        MEAN_OF_VALUES + " Only without softcap (with softcap the op is composed with "
+        "jax.nn.softmax(where=visible), which gives zeros).", applies=_gqa_no_key),
+} | {
     f"grouped_query_attention/{check}/float64": Deviation(
-        FLOAT32_SOFTMAX + " Only without softcap (with softcap the op is composed in the "
-        "input dtype).", applies=_without_softcap)
+        FLOAT32_SOFTMAX + " Judged as computed in float32 (bound), only without softcap "
+        "(with softcap the op is composed in the input dtype); a query that sees no key is "
+        "not covered in float64.", applies=_without_softcap, bound="float32")
     for check in ("forward", "vjp")
 }
 
@@ -117,7 +152,6 @@ def grouped_query_attention(q, k, v, mask=None, is_causal=False, scale=None, q_o
     if alibi_slopes is not None:
         slopes = alibi_slopes.reshape(-1 if alibi_slopes.ndim == 1 else b, h, 1, 1)
         bias = -slopes * jnp.abs(rel).astype(q.dtype)
-    sees = jnp.any(allow, axis=-1, keepdims=True)  # [B, h, L, 1]
     if softcap is not None:
         ke, ve = jnp.repeat(k, h // g, axis=1), jnp.repeat(v, h // g, axis=1)
         s = jnp.einsum("bhle,bhse->bhls", q, ke) * (e ** -0.5 if scale is None else scale)
@@ -130,8 +164,7 @@ def grouped_query_attention(q, k, v, mask=None, is_causal=False, scale=None, q_o
     q, k, v, scale = head_dims_matched(q, k, v, scale)
     out = jax.nn.dot_product_attention(
         *(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), bias=bias, mask=allow, scale=scale)
-    out = jnp.swapaxes(out, 1, 2)[..., :ev]
-    return jnp.where(sees, out, jnp.zeros_like(out))
+    return jnp.swapaxes(out, 1, 2)[..., :ev]
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100,

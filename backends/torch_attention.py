@@ -16,14 +16,19 @@ the opposite ("True = masked out") and are passed negated.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+import inspect
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import lmspec
+from lmspec import Deviation
 from lmspec.backends.torch_backend import device, torch_dtype
 
 NOTES = {
@@ -34,16 +39,16 @@ NOTES = {
     "torch.bmm and torch.softmax (zero weights for a row with no valid key as above).",
     "scaled_dot_product_attention": "F.scaled_dot_product_attention; mask and causal are "
     "combined into one boolean attn_mask (torch rejects both at once); is_causal alone is "
-    "passed as torch's is_causal (top-left). Fix-up: with is_causal=True and a negative "
-    "scale, torch 2.13's CPU flash kernel (E == Ev) returns NaN for every query row that has "
-    "masked-out keys (measured: L=1, S=2, scale=-0.5 gives NaN; the math kernel and an "
-    "explicit tril attn_mask give the right answer), so for a negative scale the causal mask "
-    "is passed as an explicit attn_mask. A mask of fewer than 4 axes is reshaped with "
-    "leading unit axes first (torch raises IndexError for a 1-d [S] mask, which the contract "
-    "allows).",
-    "multi_head_attention": "F.multi_head_attention_forward with separate projection weights, "
-    "need_weights=False (so it runs SDPA); key_padding_mask = ~key_valid and the causal "
-    "attn_mask = ~tril (torch's boolean MHA masks mean 'masked out').",
+    "passed as torch's is_causal (top-left), whatever the scale. A mask of fewer than 4 axes "
+    "is reshaped with leading unit axes first (torch raises IndexError for a 1-d [S] mask, "
+    "which the contract allows). torch 2.13's CPU kernel returns NaN for is_causal with a "
+    "scale ≤ 0: see DEVIATIONS.",
+    "multi_head_attention": "nn.MultiheadAttention (batch_first, bias, eval, dropout 0) via "
+    "torch.func.functional_call, its in_proj_weight the concatenation [W_q; W_k; W_v], called "
+    "as mha(query, key, value, key_padding_mask=~key_valid, attn_mask=~tril, is_causal, "
+    "need_weights=False) (torch's boolean MHA masks mean 'masked out'); query, key and value "
+    "are distinct tensors, so the module runs F.multi_head_attention_forward (its fast path "
+    "is for self-attention with one tensor).",
     "sinusoidal_positional_encoding": "computed with torch ops (arange, pow, sin, cos) on the "
     "backend's device in the requested dtype.",
     "layer_norm": "F.layer_norm.",
@@ -51,17 +56,80 @@ NOTES = {
     "torch.func.functional_call. The forward (no autograd) takes torch's fused inference fast "
     "path (torch._transformer_encoder_layer_fwd) whenever num_heads is even (the other fast "
     "path conditions, eval mode, batch_first, equal eps, relu/gelu, always hold here; verified "
-    "in tests/test_attention.py by spying on the kernel); the vjp, with autograd, takes the "
-    "ordinary path, so both are checked. Fix-up: the fast path returns NaN for a query that "
-    "sees no key (all its keys masked, e.g. key_valid all False, or causal with a masked "
-    "first key), where the spec (and torch's own ordinary path) gives the attention block "
-    "zeros; for such inputs the fast path is switched off with "
-    "torch.backends.mha.set_fastpath_enabled(False).",
+    "in tests/test_attention.py by spying on the kernel), as it does for anyone running the "
+    "layer in inference; the vjp, with autograd, takes the ordinary path, so both are "
+    "checked. The fast path returns NaN for a query that sees no key: see DEVIATIONS.",
     "transformer_decoder_layer": "nn.TransformerDecoderLayer (eval, dropout 0, batch_first) "
     "via torch.func.functional_call; tgt_mask = causal (~tril), memory_key_padding_mask = "
     "~memory_valid. torch has no fast path for the decoder layer.",
 }
 
+
+
+def call_arguments(op: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of a call of ``op`` by name, defaults filled in, from an example of any
+    of its checks: a forward or vjp example's ``(args, kwargs)``, or a property's draw (one
+    positional tuple whose first element is the op's call)."""
+    if len(args) == 1 and not kwargs and isinstance(args[0], tuple) and args[0] \
+            and hasattr(args[0][0], "args"):
+        args, kwargs = tuple(args[0][0].args), dict(args[0][0].kwargs)
+    bound = inspect.signature(lmspec.OPS[op].reference).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def flash_causal_nan(op: str):
+    """Examples of ``op`` whose SDPA call meets torch 2.13's CPU flash kernel with
+    ``is_causal`` and a scale ≤ 0: no mask (a mask is combined with the causal one into an
+    explicit ``attn_mask``), ``E == Ev`` (otherwise the math kernel runs) and ``S ≥ 2`` (so
+    that some query row has a masked-out key)."""
+
+    def applies(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+        a = call_arguments(op, args, kwargs)
+        q, k, v = (np.asarray(a[n]) for n in ("q", "k", "v"))
+        return bool(a["is_causal"] and a["mask"] is None and a["scale"] is not None
+                    and a["scale"] <= 0 and q.shape[-1] == v.shape[-1] and k.shape[-2] >= 2)
+
+    return applies
+
+
+FLASH_CAUSAL_NONPOSITIVE_SCALE = (
+    "torch 2.13's CPU F.scaled_dot_product_attention with is_causal=True (no attn_mask), "
+    "E == Ev and a scale ≤ 0 returns NaN for every query row that has a masked-out key, in "
+    "all four dtypes, and NaN gradients (measured: q [1,1,3,4], k, v [1,1,3,4] standard "
+    "normal, scale −0.5 or 0: rows 0 and 1 NaN, row 2 correct; L = 1, S = 2: NaN; "
+    "scale = −1e-30 as well). The same call with S = 1, with Ev ≠ E, or with the causal "
+    "mask passed as an explicit boolean attn_mask is correct (masked scores −inf·scale = "
+    "+inf or NaN before the softmax, presumably).")
+
+
+def _encoder_fast_path_no_key(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """The forward takes the encoder's inference fast path (``num_heads`` even) and some
+    query sees no key: all its keys invalid, or with ``is_causal`` key 0 invalid (query 0
+    sees key 0 alone, and every later query sees it)."""
+    a = call_arguments("transformer_encoder_layer", args, kwargs)
+    kv = a["key_valid"]
+    if a["num_heads"] % 2 or kv is None:
+        return False
+    kv = np.asarray(kv, dtype=bool)
+    if a["is_causal"]:
+        return bool((~kv[:, 0]).any())
+    return bool((~kv.any(axis=1)).any())
+
+
+DEVIATIONS = {
+    "scaled_dot_product_attention": Deviation(
+        FLASH_CAUSAL_NONPOSITIVE_SCALE, applies=flash_causal_nan("scaled_dot_product_attention")),
+    "transformer_encoder_layer/forward": Deviation(
+        "nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd, "
+        "taken in eval mode without autograd when num_heads is even) returns NaN for a query "
+        "that sees no key, where the spec (and torch's ordinary path, taken under autograd "
+        "or with an odd num_heads) gives that query's attention block zeros. Measured "
+        "(torch 2.13, float64, d = 4, 2 heads, post- and pre-norm): key_valid all False for "
+        "one sequence makes all its outputs NaN; with is_causal and key 0 invalid, output 0 "
+        "is NaN, the others correct; the other sequences and 1 head are unaffected.",
+        applies=_encoder_fast_path_no_key),
+}
 
 # -- single-query attention (composed) -------------------------------------------------
 
@@ -99,26 +167,31 @@ def _tril(n_q: int, n_k: int) -> torch.Tensor:
 def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False, scale=None):
     if mask is not None:  # torch rejects a 1-d [S] mask: give it the leading unit axes
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if is_causal and (mask is not None or (scale is not None and scale < 0)):
-        causal = _tril(q.shape[-2], k.shape[-2])
-        mask, is_causal = causal if mask is None else mask & causal, False
+    if is_causal and mask is not None:  # torch refuses attn_mask with is_causal
+        mask, is_causal = mask & _tril(q.shape[-2], k.shape[-2]), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           scale=scale)
 
 
 def multi_head_attention(query, key, value, W_q, W_k, W_v, b_q, b_k, b_v, W_o, b_o,
                          num_heads, key_valid=None, is_causal=False):
-    d = query.shape[-1]
-    out, _ = F.multi_head_attention_forward(
-        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), d, num_heads,
-        in_proj_weight=None, in_proj_bias=torch.cat([b_q, b_k, b_v]), bias_k=None, bias_v=None,
-        add_zero_attn=False, dropout_p=0.0, out_proj_weight=W_o, out_proj_bias=b_o,
-        training=False, key_padding_mask=None if key_valid is None else ~key_valid,
-        need_weights=False,
-        attn_mask=~_tril(query.shape[1], key.shape[1]) if is_causal else None,
-        use_separate_proj_weight=True, q_proj_weight=W_q, k_proj_weight=W_k, v_proj_weight=W_v,
-        is_causal=is_causal)
-    return out.transpose(0, 1)
+    mha = _mha_module(query.shape[-1], num_heads, query.dtype, str(query.device))
+    params = {"in_proj_weight": torch.cat([W_q, W_k, W_v]),
+              "in_proj_bias": torch.cat([b_q, b_k, b_v]),
+              "out_proj.weight": W_o, "out_proj.bias": b_o}
+    kwargs = {"key_padding_mask": None if key_valid is None else ~key_valid,
+              "need_weights": False}
+    if is_causal:
+        kwargs |= {"attn_mask": ~_tril(query.shape[1], key.shape[1]), "is_causal": True}
+    out, _ = functional_call(mha, params, (query, key, value), kwargs)
+    return out
+
+
+@lru_cache(maxsize=64)
+def _mha_module(d: int, h: int, dtype: torch.dtype, dev: str) -> nn.Module:
+    """An eval-mode ``nn.MultiheadAttention`` whose parameters are placeholders."""
+    return nn.MultiheadAttention(d, h, dropout=0.0, bias=True, batch_first=True,
+                                 device=dev, dtype=dtype).eval()
 
 
 # -- positional encoding and layer norm --------------------------------------------------
@@ -168,24 +241,6 @@ def _pairs(ws) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(ws[i], ws[i + 1]) for i in range(0, len(ws), 2)]
 
 
-@contextmanager
-def _fastpath_off():
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
-
-
-def _some_query_sees_no_key(key_valid, is_causal: bool) -> bool:
-    if key_valid is None:
-        return False
-    if is_causal:  # query i sees key j <= i: a masked prefix leaves its queries nothing
-        return bool((~key_valid[:, 0]).any())
-    return bool((~key_valid.any(dim=1)).any())
-
-
 def transformer_encoder_layer(x, weights, num_heads, key_valid=None, is_causal=False,
                               norm_first=False, activation="relu", eps=1e-5):
     d, t = x.shape[2], x.shape[1]
@@ -196,9 +251,7 @@ def transformer_encoder_layer(x, weights, num_heads, key_valid=None, is_causal=F
     kwargs = {"src_key_padding_mask": None if key_valid is None else ~key_valid}
     if is_causal:
         kwargs |= {"src_mask": ~_tril(t, t), "is_causal": True}
-    guard = _fastpath_off() if _some_query_sees_no_key(key_valid, is_causal) else nullcontext()
-    with guard:
-        return functional_call(layer, params, (x,), kwargs)
+    return functional_call(layer, params, (x,), kwargs)
 
 
 def transformer_decoder_layer(x, memory, weights, num_heads, memory_valid=None,

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
+from lmspec.backends.torch_attention import call_arguments, flash_causal_nan
+from lmspec.backends.torch_core import smoothing_sum
 
 NOTES = {
     "rms_norm": "F.rms_norm.",
@@ -41,25 +44,32 @@ NOTES = {
     "(Liger-Kernel and Apple's cut-cross-entropy fuse these on CUDA; they are not torch).",
 }
 
-def _causal_zero_scale(args, kwargs) -> bool:
-    return bool(kwargs.get("is_causal")) and kwargs.get("scale") == 0
-
-
 _EVERYWHERE = {
     "grouped_query_attention/equals_sdpa_when_g_is_h": Deviation(
-        "torch's own F.scaled_dot_product_attention (the comparator of this property, the "
-        "backend's scaled_dot_product_attention) returns NaN on the CPU with is_causal=True "
-        "and scale=0.0, in all four dtypes (torch 2.13): q = k = v = 0 of shape [1,1,1,1] / "
-        "[1,1,2,1] gives NaN where the spec gives 0, and random q[1,1,3,4], k[1,1,5,4] give "
-        "NaN rows; the same call with scale=1e-30, or with the causal mask passed as an "
-        "explicit boolean attn_mask, is correct (masked scores −inf·0 = NaN, presumably). "
-        "grouped_query_attention itself passes its causal mask explicitly and conforms; "
-        "only this property, through SDPA, sees it.", applies=_causal_zero_scale),
+        "The comparator of this property is the backend's scaled_dot_product_attention, "
+        "i.e. torch's own F.scaled_dot_product_attention, which returns NaN rows on the CPU "
+        "with is_causal=True and a scale ≤ 0 (E == Ev, S ≥ 2, no mask; the deviation of "
+        "scaled_dot_product_attention): q = k = v = 0 of shape [1,1,1,1] / [1,1,2,1] gives "
+        "NaN where the spec gives 0. grouped_query_attention itself passes its visibility "
+        "as an explicit additive mask (torch's SDPA has no q_offset or window) and "
+        "conforms; only this property, through SDPA, sees it.",
+        applies=flash_causal_nan("grouped_query_attention")),
 }
 
 
-def _smoothed(args, kwargs) -> bool:
-    return float(kwargs.get("label_smoothing", 0.0)) > 0
+def _flce_smoothing_overflows(args, kwargs) -> bool:
+    """As cross_entropy's: label_smoothing > 0 and the smoothing sum of the logits
+    (hidden·Wᵀ + bias, soft-capped) over the kept rows reaches 6.0e4."""
+    a = call_arguments("fused_linear_cross_entropy", args, kwargs)
+    if float(a["label_smoothing"]) <= 0:
+        return False
+    z = np.asarray(a["hidden"]).astype(np.float64) @ np.asarray(a["weight"]).astype(
+        np.float64).T
+    if a["bias"] is not None:
+        z = z + np.asarray(a["bias"]).astype(np.float64)
+    if a["softcap"] is not None:
+        z = a["softcap"] * np.tanh(z / a["softcap"])
+    return smoothing_sum(z, a["targets"], int(a["ignore_index"])) >= 6.0e4
 
 
 def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's hook
@@ -70,8 +80,9 @@ def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend
         "F.cross_entropy with label_smoothing > 0 on the CPU forms the smoothing term "
         "Σ_c −log p[c] in float16 (as for cross_entropy), which overflows to inf over a "
         "large vocabulary although the loss fits: V = 32001, ε = 0.1 and ordinary logits "
-        "give inf where the spec gives 16.70 (found by --shapes large). The unsmoothed "
-        "loss conforms.", applies=_smoothed)}
+        "give inf where the spec gives 16.70 (found by --shapes large). Covered: examples "
+        "whose smoothing sum over the kept rows reaches 6.0e4 (see cross_entropy); the "
+        "unsmoothed loss conforms.", applies=_flce_smoothing_overflows)}
 
 
 # -- rms_norm ----------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def test_a_deviation_with_a_predicate_covers_its_examples_only():
 
 
 def test_the_narrowest_deviation_key_wins_and_other_dtypes_still_fail():
-    b = Softmax(wrong=lambda x: True, deviations={"softmax/forward/float32": "f32 only"})
+    every = lmspec.Deviation("f32 only", applies=lambda args, kw: True)
+    b = Softmax(wrong=lambda x: True, deviations={"softmax/forward/float32": every})
     assert _run(b, "float32")["status"] == "deviation"
     assert _run(b, "float64")["status"] == "fail"
 
