@@ -276,10 +276,13 @@ def assert_close(op: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
     """Judge one call ``actual = kernel(*args, **kwargs)`` computed in ``dtype``.
 
     Per output array ``r`` (the float64 reference on ``args``), the tolerance is
-    ``C_BASE·max|s − r| + C_FLOOR·√k·u·M`` (:mod:`lmspec.conformance.tolerance`): ``s``
-    the spec evaluated in ``dtype``, ``k`` the op's reduction length for these inputs,
-    ``M`` the largest of ``max|r|``, the op's declared input scale and the measured
-    sensitivity of ``r`` to perturbing the inputs by ``u``. Returns the
+    ``C_BASE·max|s − r| + C_FLOOR·√k·u_w·M + u_d·max|r|``
+    (:mod:`lmspec.conformance.tolerance`): ``s`` the spec evaluated at the working
+    precision ``w`` of ``dtype`` (float32 for float16/bfloat16, CONTRACT §6) and rounded
+    to ``dtype``, ``k`` the op's reduction length for these inputs, ``M`` the largest of
+    ``max|r|``, the op's declared input scale and the measured sensitivity of ``r`` to
+    perturbing the inputs by ``u_w``; the last term, the output's own rounding, only for
+    the half dtypes. Returns the
     :class:`CloseVerdict` (``.tolerances`` gives the atol of each output); raises
     ``AssertionError`` with it when an output is out of tolerance.
     """

@@ -3,8 +3,8 @@
 ``lmspec vectors export`` draws the inputs of the forward checks — the very examples
 ``lmspec run`` draws for the same seed, op, dtype and count (the same Hypothesis search
 with the same seed, stopped at no failure) — and writes them with everything the
-verdict needs: the float64 reference outputs, the baseline (the spec evaluated in the
-dtype), the reduction length ``k``, the op's declared scale and the measured
+verdict needs: the float64 reference outputs, the baseline (the spec evaluated at the
+dtype's working precision, rounded to the dtype), the reduction length ``k``, the op's declared scale and the measured
 conditioning evaluations (:mod:`lmspec.conformance.conditioning`), and the tolerance
 constants. An implementation anywhere (another language, a device, a script that
 imports only NumPy) computes its outputs; ``lmspec vectors check`` judges them with the
@@ -32,7 +32,9 @@ FORMAT = """# lmspec golden vectors (`lmspec-vectors/1`)
 Written by `lmspec vectors export`; judged by `lmspec vectors check DIR RESULTS`.
 
 - `manifest.json`: `format`, `spec_version`, `seed` (the exporter's), `count`, `policy`,
-  `c_base`, `c_floor`, `unit_roundoff` (per dtype) and `cases`, a list of:
+  `c_base`, `c_floor`, `unit_roundoff` (per dtype), `working_precision` (per dtype:
+  float32 for float16 and bfloat16, whose intermediates are computed in float32,
+  CONTRACT §6; the dtype itself otherwise) and `cases`, a list of:
   - `id` (`<op>.<dtype>.<index>`), `op`, `dtype`, `check` (`"forward"`);
   - `args`: the positional arguments, `kwargs`: the keyword arguments exactly as the op
     receives them. An array is `{"npy": "<path>", "dtype": "<dtype>"}`; a tuple is
@@ -42,9 +44,11 @@ Written by `lmspec vectors export`; judged by `lmspec vectors check DIR RESULTS`
     bfloat16 before calling the implementation (the conversion is exact);
   - `outputs`: one per output array, in order (tuple outputs flattened depth-first),
     each `name`, `reference` (`.npy`, float64), `baseline` (`.npy`: the spec evaluated
-    in the dtype, widened exactly to float64; null when there is none, e.g. float64),
-    `perturbed` (`.npy` list: the reference on the inputs perturbed by about `u`, the
-    measured conditioning), `sensitivity` (`max|perturbed − reference| / u`), `k`,
+    at the dtype's working precision and rounded to the dtype, widened exactly to
+    float64; null when there is none, e.g. float64), `perturbed` (`.npy` list: the
+    reference on the inputs perturbed by about `u_w`, the working precision's unit
+    roundoff: the measured conditioning), `sensitivity` (`max|perturbed − reference| /
+    u_w`), `k`,
     `scale` (the op's declared input scale, or null) and `tolerance` (the absolute
     tolerance this output gets when its NaN/inf positions match);
   - `results`: the file names the implementation writes into RESULTS: `<id>.npy` for an
@@ -52,8 +56,11 @@ Written by `lmspec vectors export`; judged by `lmspec vectors check DIR RESULTS`
     any float dtype NumPy can read — write bfloat16 outputs as float32 —, integer
     outputs as integers). A missing file means the implementation does not support that
     case (`unsupported`).
-- Tolerance, per output: `max|b − r| ≤ c_base·max|baseline − r| + c_floor·√k·u·M` with
-  `M = max(max|r|, scale, sensitivity)`; NaN and ±inf must match position for position
+- Tolerance, per output: `max|b − r| ≤ c_base·max|baseline − r| + c_floor·√k·u_w·M +
+  u_d·max|r|` with `M = max(max|r|, scale, sensitivity)`, `u_w` the working precision's
+  unit roundoff and `u_d` the dtype's (the last term, the output's own rounding, only
+  where the dtype is coarser than its working precision: float16 and bfloat16); NaN
+  and ±inf must match position for position
   (a finite reference beyond the dtype's range may be answered with the infinity it
   rounds to). Ops with integer outputs are judged by their exact rule (sampling and
   masking decisions, ambiguous ones excepted).
@@ -151,7 +158,7 @@ def export(directory: str | Path, ops: list[str], dtypes: list[str], count: int,
     for op in ops:
         oc = CASES[op]
         for dt in dtypes:
-            u = UNIT_ROUNDOFF[dt]
+            u = UNIT_ROUNDOFF[tolerance.compute_dtype(tolerance.working_precision(dt))]
             for i, call in enumerate(draw_calls(op, dt, count, seed_)):
                 cid = f"{op}.{dt}.{i:04d}"
                 base_dir = root / "cases" / cid
@@ -215,6 +222,7 @@ def export(directory: str | Path, ops: list[str], dtypes: list[str], count: int,
         "lmspec": lmspec.__version__, "seed": seed_, "count": count, "ops": ops,
         "dtypes": dtypes, "policy": tolerance.POLICY, "c_base": tolerance.C_BASE,
         "c_floor": tolerance.C_FLOOR, "unit_roundoff": {d: UNIT_ROUNDOFF[d] for d in dtypes},
+        "working_precision": {d: tolerance.working_precision(d) for d in dtypes},
         "cases": cases,
     }
     path = root / "manifest.json"
@@ -324,7 +332,9 @@ def _record(name: str, op: str, dt: str, status: str, message: str, stats: Any,
         "worst_ratio": harness.jsonable(stats.worst_ratio),
         "tolerance": {"policy": tolerance.POLICY, "c_base": manifest["c_base"],
                       "c_floor": manifest["c_floor"],
-                      "u": lmspec._precision.UNIT_ROUNDOFF[dt],
+                      "u": tolerance.floor_u(dt),
+                      "working_precision": tolerance.working_precision(dt),
+                      "u_dtype": lmspec._precision.UNIT_ROUNDOFF[dt],
                       "at_worst": harness.jsonable(stats.worst_tol)},
         "message": message, "counterexample": None, "reproduce": None,
         "duration_s": round(duration, 3), "unsupported_examples": stats.unsupported,

@@ -13,8 +13,13 @@ from lmspec.conformance.harness import Settings, Target, run_target
 
 
 def softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    """The textbook softmax; half-precision inputs computed in float32 and the result
+    rounded back (CONTRACT §6); a one-element axis is 1 whatever its value."""
+    if x.shape[axis] == 1:
+        return np.ones_like(x)
+    w = x if x.dtype == np.float64 else x.astype(np.float32)
+    e = np.exp(w - w.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
 
 
 def softmax_vjp(op, args, kwargs, cot):
@@ -106,8 +111,11 @@ def test_assert_close_gives_the_tolerance_of_one_call():
     good = softmax(x.astype(np.float64)).astype(lmspec.DTYPES["bfloat16"])
     v = lmspec.assert_close("softmax", (x,), {"axis": -1}, good, "bfloat16")
     assert v.ok and v.outputs[0].k == 4 and v.outputs[0].ratio <= 1
-    # 4·√k·u·M with M = max|x| = 4 (declared scale), plus twice the baseline's error
-    assert v.tolerances["out"] >= 4 * 2 * 2.0**-8 * 4
+    # the output's rounding u·max|r| with bfloat16's u, plus twice the baseline's error
+    # (float32 intermediates rounded once), plus a floor at float32's u: far below the
+    # all-bfloat16 model's 4·√k·u·max|x| = 0.125 (CONTRACT §6)
+    top = float(np.abs(good.astype(np.float64)).max())
+    assert 2.0**-8 * top <= v.tolerances["out"] < 4 * 2.0**-8 * top
     with pytest.raises(AssertionError, match="does NOT conform"):
         lmspec.assert_close("softmax", (x,), {"axis": -1}, good.astype(np.float64) + 0.2,
                             "bfloat16")
@@ -125,7 +133,9 @@ def test_assert_close_refuses_inputs_the_kernel_cannot_have_seen():
 def test_the_torch_adapter_converts_bfloat16_and_takes_gradients_by_autograd():
     torch = pytest.importorskip("torch")
 
-    def torch_softmax(x, axis=-1):
+    def torch_softmax(x, axis=-1):  # torch.softmax of one -inf is NaN; §6 says 1
+        if x.shape[axis] == 1:
+            return torch.ones_like(x) + 0 * x.nan_to_num()
         return torch.softmax(x.float(), dim=axis).to(x.dtype)
 
     f = lmspec.adapters.torch(torch_softmax)
@@ -141,6 +151,15 @@ def test_the_torch_adapter_converts_bfloat16_and_takes_gradients_by_autograd():
 def test_the_jax_adapter():
     jax = pytest.importorskip("jax")
     f = lmspec.adapters.jax(lambda x, axis=-1: jax.nn.softmax(x, axis=axis))
+
+    def one_neg_inf(args, kwargs):  # jax.nn.softmax of a lone -inf is NaN; §6 says 1
+        x, axis = args[0], kwargs.get("axis", -1)
+        return x.shape[axis] == 1 and bool(np.isneginf(x.astype(np.float64)).any())
+
+    found = lmspec.Deviation("jax.nn.softmax over a one-element axis holding -inf is NaN",
+                             applies=one_neg_inf)
     res = lmspec.check("softmax", f, dtypes=["float64"], checks=["forward", "vjp"],
-                       max_examples=5)
-    assert [r["status"] for r in res] == ["pass", "pass"]
+                       max_examples=5, deviations={"softmax/forward": found})
+    assert [r["status"] for r in res][1] == "pass"
+    assert res[0]["status"] in ("pass", "deviation")
+    assert res[0]["status"] == "pass" or res[0]["deviation"]["predicate"]

@@ -1,16 +1,21 @@
 """Independent correct implementations raise no alarm.
 
-``NumpyLiteral`` evaluates each op's *literal* textbook formula in the dtype under test
-with NumPy (``np.linalg.norm`` for the p-norm, ``exp(x − max)/Σ`` for softmax, the
-two-pass mean and variance for layer norm, hyperparameters rounded to the dtype as NumPy
-does with a Python float): not the reference's algorithms, and not torch's. Every check
-it can run on the default profile must pass in every dtype it declares; a false alarm
-here is a hole in the tolerance model (conformance.conditioning), not a backend bug.
+``NumpyLiteral`` evaluates each op's *literal* textbook formula with NumPy
+(``np.linalg.norm`` for the p-norm, ``exp(x − max)/Σ`` for softmax, the two-pass mean and
+variance for layer norm, hyperparameters held in float32): not the reference's
+algorithms, and not torch's. It computes float32 and float64 in themselves and the half
+dtypes as CONTRACT §6 says production kernels do: inputs widened to float32, every
+intermediate in float32, the outputs rounded to the half dtype. Every check it can run on
+the default profile must pass in every dtype it declares; a false alarm here is a hole
+in the tolerance model (conformance.tolerance, conformance.conditioning), not a backend
+bug.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,32 +41,78 @@ def _attr(x: np.ndarray, value: float) -> np.generic:
     return x.dtype.type(np.float32(value))
 
 
+HALF = ("float16", "bfloat16")
+
+
+def _mixed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Half-precision inputs widened to float32, the formula run in float32, the float
+    outputs rounded back to the input's half dtype (CONTRACT §6); other dtypes as given."""
+
+    def widen(a: Any) -> Any:
+        if isinstance(a, (tuple, list)):
+            return tuple(widen(b) for b in a)
+        return a.astype(np.float32) if isinstance(a, np.ndarray) and _is_half(a) else a
+
+    def narrow(a: Any, dt: np.dtype) -> Any:
+        if isinstance(a, (tuple, list)):
+            return tuple(narrow(b, dt) for b in a)
+        return np.asarray(a).astype(dt) if np.asarray(a).dtype.kind == "f" else a
+
+    @functools.wraps(fn)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        half = next((a.dtype for a in _arrays(args) if _is_half(a)), None)
+        if half is None:
+            return fn(self, *args, **kwargs)
+        return narrow(fn(self, *widen(args), **kwargs), half)
+
+    return run
+
+
+def _is_half(a: np.ndarray) -> bool:
+    return a.dtype.kind in "fV" and a.dtype.itemsize == 2
+
+
+def _arrays(x: Any) -> list[np.ndarray]:
+    if isinstance(x, (tuple, list)):
+        return [a for b in x for a in _arrays(b)]
+    return [x] if isinstance(x, np.ndarray) else []
+
+
 class NumpyLiteral:
-    """The contract's formulas, literally, in NumPy, in the dtype of the inputs; the
-    hyperparameters ``eps``, ``scale`` (also the default ``1/√E``) and ``base`` held in
-    float32."""
+    """The contract's formulas, literally, in NumPy, in the dtype of the inputs (float32
+    for the half dtypes, see :func:`_mixed`); the hyperparameters ``eps``, ``scale`` (also
+    the default ``1/√E``) and ``base`` held in float32."""
 
     name, device = "numpy-literal", "cpu"
     dtypes = ("float16", "bfloat16", "float32", "float64")
 
+    @_mixed
     def softmax(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        if x.shape[axis] == 1:  # exactly 1 whatever the value, -inf included (§6)
+            return np.ones_like(x)
         e = np.exp(x - _axis_max(x, axis))
         return e / e.sum(axis=axis, keepdims=True)
 
+    @_mixed
     def log_softmax(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        if x.shape[axis] == 1:  # exactly 0 whatever the value, -inf included (§6)
+            return np.zeros_like(x)
         z = x - _axis_max(x, axis)
         return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
+    @_mixed
     def logsumexp(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         m = _axis_max(x, axis)
         return np.squeeze(m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True)), axis=axis)
 
+    @_mixed
     def layer_norm(self, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
                    eps: float = 1e-5) -> np.ndarray:
         mean = x.mean(axis=-1, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
         return ((x - mean) / np.sqrt(var + _attr(x, eps)) * gamma + beta).astype(x.dtype)
 
+    @_mixed
     def scaled_dot_product_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                                      mask: np.ndarray | None = None, is_causal: bool = False,
                                      scale: float | None = None) -> np.ndarray:
@@ -79,14 +130,16 @@ class NumpyLiteral:
 
     def sinusoidal_positional_encoding(self, length: int, d_model: int, base: float = 1e4,
                                        dtype: str = "float64") -> np.ndarray:
-        dt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(_bf16())
+        out = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(_bf16())
+        dt = np.dtype(np.float32) if dtype in HALF else out  # angles in float32 (§6)
         exponent = -np.arange(0, d_model, 2).astype(dt) / dt.type(d_model)
         inv_freq = dt.type(np.float32(base)) ** exponent
         angle = np.arange(length).astype(dt)[:, None] * inv_freq
         pe = np.empty((length, d_model), dtype=dt)
         pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle)
-        return pe
+        return pe.astype(out)
 
+    @_mixed
     def clip_grad_norm(self, grads: tuple[np.ndarray, ...], max_norm: float,
                        norm_type: float = 2.0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         dt = grads[0].dtype
