@@ -4,12 +4,13 @@
 ``lmspec run`` draws for the same seed, op, dtype and count (the same Hypothesis search
 with the same seed, stopped at no failure) — and writes them with everything the
 verdict needs: the float64 reference outputs, the baseline (the spec evaluated at the
-dtype's working precision, rounded to the dtype), the reduction length ``k``, the op's declared scale and the measured
-conditioning evaluations (:mod:`lmspec.conformance.conditioning`), and the tolerance
-constants. An implementation anywhere (another language, a device, a script that
-imports only NumPy) computes its outputs; ``lmspec vectors check`` judges them with the
-harness's own comparison and writes an ordinary report. :data:`FORMAT` (written into
-the directory as ``FORMAT.md``) is the file format.
+dtype's working precision, rounded to the dtype), the reduction length ``k``, the op's
+declared scale and the measured conditioning evaluations
+(:mod:`lmspec.conformance.conditioning`), and the tolerance constants. An
+implementation anywhere (another language, a device, a script that imports only NumPy)
+computes its outputs; ``lmspec vectors check`` judges them with the harness's own
+comparison and writes an ordinary report. :data:`FORMAT` (written into the directory as
+``FORMAT.md``) is the file format.
 """
 
 from __future__ import annotations
