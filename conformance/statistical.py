@@ -221,17 +221,47 @@ class Family:
     alternatives: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _binom() -> Any:
-    """``scipy.stats.binom``, imported on first use (scipy: ``pip install 'lmspec[test]'``;
-    importing it costs about a second, which runs without statistical checks skip)."""
-    from scipy.stats import binom
+def _special() -> Any:
+    """``scipy.special``, imported on first use (``pip install 'lmspec[test]'``): its
+    binomial tails ``bdtr``/``bdtrc`` are exact (regularised incomplete beta)."""
+    from scipy import special
 
-    return binom
+    return special
+
+
+def binom_cdf(k: Any, n: int, p: Any) -> np.ndarray:
+    """``P(X ≤ k)`` for ``X ~ Binomial(n, p)``."""
+    k, p = np.floor(np.asarray(k, dtype=np.float64)), np.asarray(p, dtype=np.float64)
+    inside = _special().bdtr(np.clip(k, 0, n), n, p)
+    return np.where(k < 0, 0.0, np.where(k >= n, 1.0, inside))
+
+
+def binom_sf(k: Any, n: int, p: Any) -> np.ndarray:
+    """``P(X > k)`` for ``X ~ Binomial(n, p)``."""
+    k, p = np.floor(np.asarray(k, dtype=np.float64)), np.asarray(p, dtype=np.float64)
+    inside = _special().bdtrc(np.clip(k, 0, n), n, p)
+    return np.where(k < 0, 1.0, np.where(k >= n, 0.0, inside))
+
+
+def _smallest(ok: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...],
+              n: int) -> np.ndarray:
+    """The smallest ``k ∈ [0, n]`` with ``ok(k)`` (monotone in ``k``, true at ``n``)."""
+    lo, hi = np.full(shape, -1.0), np.full(shape, float(n))
+    while np.any(hi - lo > 1):
+        mid = np.floor((lo + hi) / 2)
+        good = ok(mid)
+        hi, lo = np.where(good, mid, hi), np.where(good, lo, mid)
+    return hi
 
 
 def _limits(n: int, probs: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided binomial critical values: reject ``X < lo`` or ``X > hi``."""
-    return _binom().ppf(a / 2, n, probs), _binom().isf(a / 2, n, probs)
+    """Two-sided binomial critical values: reject ``X < lo`` or ``X > hi``, where ``lo`` is
+    the smallest ``k`` with ``P(X ≤ k) ≥ a/2`` and ``hi`` the smallest with
+    ``P(X > k) ≤ a/2`` (each side's chance under the null is at most ``a/2``)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    lo = _smallest(lambda k: binom_cdf(k, n, probs) >= a / 2, probs.shape, n)
+    hi = _smallest(lambda k: binom_sf(k, n, probs) <= a / 2, probs.shape, n)
+    return lo, hi
 
 
 def _differs(fam: Family, alt: np.ndarray) -> bool:
@@ -260,7 +290,7 @@ def _powers(n: int, families: Sequence[Family], names: Sequence[str], a: float) 
         alts.append(np.stack(row))
     e, f = np.concatenate(exact), np.concatenate(alts, axis=1)
     lo, hi = _limits(n, e, a)
-    single = _binom().cdf(lo - 1, n, f) + _binom().sf(hi, n, f)
+    single = binom_cdf(lo - 1, n, f) + binom_sf(hi, n, f)
     return np.maximum(outside, single.max(axis=1))
 
 
@@ -309,7 +339,7 @@ def judge(families: Sequence[Family], outcomes: Sequence[np.ndarray], n: int,
         groups = _pool(fam.exact, n)
         e, c = _pooled(fam.exact, groups), np.bincount(groups, weights=counts,
                                                        minlength=groups.max(initial=0) + 1)
-        tail = np.minimum(_binom().cdf(c, n, e), _binom().sf(c - 1, n, e))
+        tail = np.minimum(binom_cdf(c, n, e), binom_sf(c - 1, n, e))
         j = int(np.argmin(tail))
         if worst is None or tail[j] < worst[0]:
             rows = sorted(range(e.size), key=lambda i: tail[i])[:3]
