@@ -283,3 +283,86 @@ def test_activated_lists_exactly_the_ops_whose_reference_moves_activations():
 
     moved = {op for op, oc in CASES.items() if moves(op, oc)}
     assert moved == set(ACTIVATED)
+
+
+# -- half precision: float32 intermediates, the output rounded once (CONTRACT §6) ---------
+
+BF16 = "bfloat16"
+
+
+def _bf16(a) -> np.ndarray:
+    from lmspec._precision import DTYPES
+
+    return np.asarray(a, dtype=np.float64).astype(DTYPES[BF16])
+
+
+def test_half_dtypes_work_in_float32_and_add_only_their_output_rounding():
+    assert tolerance.working_precision("float16") == "float32"
+    assert tolerance.working_precision(BF16) == "float32"
+    assert tolerance.working_precision("float32") == "float32"
+    with tolerance.declared_precision({"float32": "tf32"}):
+        assert tolerance.working_precision("float32") == "tf32"
+        with tolerance.declared_precision({BF16: BF16}):  # stacks on the enclosing block
+            assert tolerance.working_precision(BF16) == BF16
+            assert tolerance.working_precision("float32") == "tf32"
+    assert tolerance.output_rounding(BF16, "float32", 2.0) == 2.0 * 2.0**-8
+    assert tolerance.output_rounding("float32", "float32", 2.0) == 0.0
+    assert tolerance.output_rounding(BF16, BF16, 2.0) == 0.0  # in the floor already
+
+
+def test_a_uniform_bfloat16_softmax_fails_where_the_all_half_model_admitted_it():
+    """The issue's case: exact ≈ [0, 0, 0, 1]; the all-bfloat16 model charged u·|x| = 0.16
+    to the logits and gave a tolerance of 1.25 on probabilities."""
+    import lmspec
+
+    x = _bf16([[1, 2, 3, 40]])
+    bad = np.full((1, 4), 0.25)
+    try:
+        lmspec.assert_close("softmax", (x,), {}, bad, BF16)
+    except AssertionError as exc:
+        assert "does NOT conform" in str(exc)
+    else:
+        raise AssertionError("a uniform answer passed")
+    good = lmspec.softmax(x.astype(np.float64)).astype(_bf16(0).dtype)
+    v = lmspec.assert_close("softmax", (x,), {}, good, BF16)
+    assert v.ok and v.tolerances["out"] < 2 * 2.0**-8  # about one rounding of 1
+
+
+def test_half_rounding_in_an_intermediate_fails_where_it_shows_and_not_elsewhere():
+    """rms_norm of a row whose mean square needs float32: a kernel that accumulates
+    x² in bfloat16 (rounding every partial sum) errs by many ulps of the output; the
+    same formula accumulated in float32 and rounded once passes."""
+    import lmspec
+
+    rng = np.random.default_rng(0)
+    x = _bf16(rng.normal(size=(1, 512)) + 3.0)
+    w = _bf16(np.ones(512))
+
+    def rms(acc_dtype):
+        acc = np.zeros((1,), dtype=acc_dtype)
+        for j in range(x.shape[1]):  # sequential accumulator, rounded each step
+            acc = (acc + x[:, j].astype(acc_dtype) ** 2).astype(acc_dtype)
+        ms = acc.astype(np.float32) / np.float32(x.shape[1])
+        return (x.astype(np.float32) / np.sqrt(ms + np.float32(1e-6))[:, None]).astype(x.dtype)
+
+    good, bad = rms(np.float32), rms(x.dtype)
+    assert lmspec.assert_close("rms_norm", (x, w), {"eps": 1e-6}, good, BF16).ok
+    try:
+        lmspec.assert_close("rms_norm", (x, w), {"eps": 1e-6}, bad, BF16)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("a bfloat16 accumulator of 512 squares passed")
+
+
+def test_the_half_baseline_is_computed_in_float32_and_rounded_to_the_dtype():
+    from lmspec.conformance.harness import baseline
+
+    x = _bf16([[0.1, 0.2, 0.3]])
+    base = baseline("softmax", Call((x,), {"axis": -1}), BF16)
+    assert np.all(base == base.astype(x.dtype).astype(np.float64))  # rounded to bfloat16
+    f32 = np.exp(x.astype(np.float32) - x.astype(np.float32).max())
+    assert np.array_equal(base, (f32 / f32.sum()).astype(x.dtype).astype(np.float64))
+    # a deviation's working precision judges at that precision instead
+    all_half = baseline("softmax", Call((x,), {"axis": -1}), BF16, working=BF16)
+    assert all_half is not None and all_half.shape == base.shape
