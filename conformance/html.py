@@ -192,6 +192,9 @@ def _matrix_cell(rs: Sequence[dict[str, Any]], op: str, b: str, d: str, diff: bo
     lab = rp.worst_label(rs)
     w = worst_ratio(rs)
     text = rp.MARK[lab] if lab != "pass" else "pass"
+    precisions = sorted({p for p in map(rp.precision_note, rs) if p})
+    if precisions:  # the working precision a verdict was judged at (CONTRACT §6)
+        text += f" ({', '.join(precisions)})"
     sub = f"<br><small>ratio {rp.num(w)}</small>" if not math.isnan(w) and lab not in (
         "unsupported", "skipped") else ""
     tip = "\n".join(f"{r['check']}: {rp.status_text(r)}, worst ratio {rp.num(r['worst_ratio'])}"

@@ -33,7 +33,7 @@ import lmspec
 from lmspec._precision import DTYPES
 
 from . import report as rp
-from .report import MARK, label, num, one_line
+from .report import MARK, label, num, one_line, precision_note
 
 ORDER = ("error", "fail", "deviation", "partial", "pass", "unsupported", "skipped")
 """Verdicts of a scoreboard cell, worst first (see the module docstring)."""
@@ -180,6 +180,9 @@ def cell_text(results: Sequence[dict[str, Any]], notes: Footnotes) -> str:
         text += f" {ratio}"
     refs = list(dict.fromkeys(n for r in results if (n := notes.ref(r)) is not None))
     text += "".join(f" [{n}]" for n in refs)
+    precisions = sorted({p for p in map(precision_note, results) if p})
+    if precisions:  # the working precision a verdict was judged at (CONTRACT §6)
+        text += f" ({', '.join(precisions)})"
     rest = [f"{MARK[lab]} ({', '.join(dict.fromkeys(groups[lab]))})"
             for lab in ORDER if lab in groups and lab not in (head, "pass")]
     return "; ".join([text] + rest)
