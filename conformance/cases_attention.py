@@ -85,7 +85,7 @@ def _maybe_mask(draw, shape, *, label: str) -> np.ndarray | None:
 
 @st.composite
 def _additive(draw, dtype: str) -> Call:
-    b, s = d.dim(draw, 1, 3, label="B"), d.dim(draw, 1, 5, label="S")
+    b, s = d.dim(draw, 1, 3, label="B"), d.length(draw, 1, 5, label="S")
     dq, dk, dv, a = (d.dim(draw, 1, 4, label=n) for n in ("Dq", "Dk", "Dv", "A"))
     q = _values(draw, dtype, (b, dq), label="query", extreme=True)
     k = _values(draw, dtype, (b, s, dk), label="keys")
@@ -115,8 +115,8 @@ cases("additive_attention", k=_additive_k, scale=_additive_scale)(_additive)
 
 @st.composite
 def _dot(draw, dtype: str) -> Call:
-    b, s = d.dim(draw, 1, 3, label="B"), d.dim(draw, 1, 5, label="S")
-    dm, dv = d.dim(draw, 1, 5, label="D"), d.dim(draw, 1, 4, label="Dv")
+    b, s = d.dim(draw, 1, 3, label="B"), d.length(draw, 1, 5, label="S")
+    dm, dv = d.length(draw, 1, 5, label="D"), d.dim(draw, 1, 4, label="Dv")
     q = _values(draw, dtype, (b, dm), label="query", extreme=True)
     k = _values(draw, dtype, (b, s, dm), label="keys")
     vals = _values(draw, dtype, (b, s, dv), label="values")
@@ -136,16 +136,35 @@ cases("dot_product_attention", k=lambda c: c.args[0].shape[1] + c.args[1].shape[
 # -- scaled dot-product attention ------------------------------------------------------
 
 SDPA_MASK_SHAPES = ("none", "[S]", "[L,S]", "[B,1,1,S]", "[B,h,L,S]")
+SCORE_FAMILIES = ("drawn", "drawn", "drawn", "all negative", "tied")
+
+
+def score_family(draw, dtype: str, q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """``(q, k)`` as drawn, or reshaped into a family that breaks attention kernels:
+    ``"all negative"`` (``q ≥ 1``, ``k ≤ −1`` elementwise, so that with a positive scale
+    every score is negative and, with ``q`` in the extreme regime, far below ``−100``: a
+    running maximum started at 0 instead of ``−∞`` underflows every ``exp`` to 0/0) or
+    ``"tied"`` (every key equal to the first of its head, so that every score of a query
+    ties and the weights are uniform whatever the scale)."""
+    family = draw(st.sampled_from(SCORE_FAMILIES), label="score family")
+    if family == "all negative":
+        qf, kf = q.astype(np.float64), k.astype(np.float64)
+        return d.as_dtype(np.abs(qf) + 1, dtype), d.as_dtype(-np.abs(kf) - 1, dtype)
+    if family == "tied":
+        return q, np.broadcast_to(k[..., :1, :], k.shape).copy()
+    return q, k
 
 
 @st.composite
 def _sdpa(draw, dtype: str, causal: bool | None = None, mask_kinds=SDPA_MASK_SHAPES) -> Call:
     b, h = d.dim(draw, 1, 2, label="B"), d.dim(draw, 1, 3, label="h")
-    n_q, n_k = d.dim(draw, 1, 4, label="L"), d.dim(draw, 1, 5, label="S")
+    n_q, n_k = d.dim(draw, 1, 4, label="L"), d.length(draw, 1, 5, label="S")
     e = draw(st.sampled_from([1, 2, 3, 5]), label="E")
     ev = d.dim(draw, 1, 3, label="Ev")
-    q = _values(draw, dtype, (b, h, n_q, e), label="q", extreme=True)
-    k = _values(draw, dtype, (b, h, n_k, e), label="k")
+    q, k = score_family(draw, dtype, _values(draw, dtype, (b, h, n_q, e), label="q",
+                                             extreme=True),
+                        _values(draw, dtype, (b, h, n_k, e), label="k"))
     v = _values(draw, dtype, (b, h, n_k, ev), label="v")
     kind = draw(st.sampled_from(list(mask_kinds)), label="mask shape")
     shape = {"none": None, "[S]": (n_k,), "[L,S]": (n_q, n_k), "[B,1,1,S]": (b, 1, 1, n_k),
@@ -208,7 +227,8 @@ def _attn_params(draw, dtype: str, dm: int, label: str) -> tuple[np.ndarray, ...
 
 @st.composite
 def _mha(draw, dtype: str, causal: bool | None = None) -> Call:
-    b, n_q, n_k = (d.dim(draw, 1, hi, label=n) for n, hi in (("B", 2), ("L", 4), ("S", 4)))
+    b, n_q = d.dim(draw, 1, 2, label="B"), d.dim(draw, 1, 4, label="L")
+    n_k = d.length(draw, 1, 4, label="S")
     h, dh = d.dim(draw, 1, 3, label="num_heads"), d.dim(draw, 1, 3, label="head dim")
     dm = h * dh
     query = _values(draw, dtype, (b, n_q, dm), label="query", extreme=True)
@@ -280,7 +300,7 @@ cases("sinusoidal_positional_encoding", k=lambda c: 1,
 def _ln(draw, dtype: str) -> Call:
     ndim = d.dim(draw, 1, 3, label="ndim")
     shape = [d.dim(draw, 1, 3, label=f"dim{i}") for i in range(ndim - 1)]
-    dm = d.dim(draw, 1, 6, label="D")
+    dm = d.length(draw, 1, 6, label="D")
     regime = draw(st.sampled_from(["normal", "offset", "tiny"]), label="x regime")
     lo, hi = {"normal": (-3, 3), "offset": (90, 110), "tiny": (-1e-3, 1e-3)}[regime]
     x = d.floats(draw, dtype, (*shape, dm), lo, hi, label="x")
@@ -359,16 +379,30 @@ def _layer_options(draw) -> dict:
 
 
 def _layer_dims(draw) -> tuple[int, int, int, int, int]:
-    b, t = d.dim(draw, 1, 2, label="B"), d.dim(draw, 1, 4, label="T")
+    b, t = d.dim(draw, 1, 2, label="B"), d.length(draw, 1, 4, label="T")
     h = draw(st.sampled_from([1, 2, 2, 3]), label="num_heads")  # 2: torch's fast path
     dh, f = d.dim(draw, 1, 2, label="head dim"), d.dim(draw, 1, 4, label="F")
     return b, t, h, h * dh, f
 
 
+RESIDUAL_OFFSETS = (100.0, -300.0)
+"""Common offsets of the ``"offset"`` residual stream (:func:`_residual_stream`)."""
+
+
+def _residual_stream(draw, dtype: str, shape, label: str) -> np.ndarray:
+    """A layer's input ``x`` (the residual stream): ordinary values in ``[−2, 2]``, or in
+    about one example in three the same spread around a large common offset ``c``, as
+    residual streams drift in deep models. The layer norm then divides a spread of a few
+    units by itself, so a residual sum rounded to a short format (bfloat16's spacing at
+    100 is 0.5) loses most of the signal that the float32 sum keeps."""
+    c = draw(st.sampled_from((0.0, 0.0, *RESIDUAL_OFFSETS)), label=f"{label} offset")
+    return d.floats(draw, dtype, shape, c - 2, c + 2, label=label)
+
+
 @st.composite
 def _encoder(draw, dtype: str, causal: bool | None = None) -> Call:
     b, t, h, dm, f = _layer_dims(draw)
-    x = d.floats(draw, dtype, (b, t, dm), -2, 2, label="x")
+    x = _residual_stream(draw, dtype, (b, t, dm), "x")
     weights = (*_attn_params(draw, dtype, dm, "attn"), *_ffn_norms(draw, dtype, dm, f, 2))
     valid = _maybe_mask(draw, (b, t), label="key_valid")
     is_causal = draw(st.booleans(), label="is_causal") if causal is None else causal
@@ -378,8 +412,8 @@ def _encoder(draw, dtype: str, causal: bool | None = None) -> Call:
 @st.composite
 def _decoder(draw, dtype: str) -> Call:
     b, t, h, dm, f = _layer_dims(draw)
-    s = d.dim(draw, 1, 4, label="S")
-    x = d.floats(draw, dtype, (b, t, dm), -2, 2, label="x")
+    s = d.length(draw, 1, 4, label="S")
+    x = _residual_stream(draw, dtype, (b, t, dm), "x")
     memory = d.floats(draw, dtype, (b, s, dm), -2, 2, label="memory")
     weights = (*_attn_params(draw, dtype, dm, "self"), *_attn_params(draw, dtype, dm, "cross"),
                *_ffn_norms(draw, dtype, dm, f, 3))

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from . import draw as d
 from . import large_shapes as big
-from .cases_attention import _abs, _cot, _grad_factor, _mask, _values
+from .cases_attention import _abs, _cot, _grad_factor, _mask, _values, score_family
 from .declare import Call, Close, Holds, cases, prop
 
 # -- rms_norm ----------------------------------------------------------------------------
@@ -40,7 +40,7 @@ from .declare import Call, Close, Holds, cases, prop
 def _rms(draw, dtype: str) -> Call:
     ndim = d.dim(draw, 1, 3, label="ndim")
     lead = [d.dim(draw, 1, 3, label=f"dim{i}") for i in range(ndim - 1)]
-    dm = draw(st.sampled_from([1, 2, 3, 4, 7, 8]), label="D")
+    dm = d.length(draw, 1, 8, label="D")
     regime = draw(st.sampled_from(["normal", "offset", "tiny", "large"]), label="x regime")
     big = 200.0 if dtype in ("float16", "bfloat16") else 1e4  # Σx² past float16's range
     lo, hi = {"normal": (-3, 3), "offset": (90, 110), "tiny": (-1e-3, 1e-3),
@@ -126,13 +126,22 @@ def unit_mean_square(run, call: Call, dtype: str):
 # -- rotary_embedding --------------------------------------------------------------------
 
 
+LONG_CONTEXT = (1000, 8192, 32768, 99_990)
+"""Starting positions of the ``"long context"`` kind, 10³…10⁵: the angle ``p·θ_0 = p`` of
+a rotary embedding is then far beyond what half precision holds (float16's spacing at
+32768 is 32, bfloat16's at 1000 is 8), so angles or their cos/sin formed in the input
+dtype are wrong by whole turns."""
+
+
 def _positions(draw, shape, label: str) -> np.ndarray:
-    kind = draw(st.sampled_from(["from 0", "offset", "large offset", "negative", "random"]),
-                label=f"{label} kind")
+    kind = draw(st.sampled_from(["from 0", "offset", "large offset", "negative", "random",
+                                 "long context"]), label=f"{label} kind")
     t = shape[-1]
     if kind == "random":
         return d.ints(draw, shape, 4096, label=label)
-    start = {"from 0": 0, "offset": 5, "large offset": 2000, "negative": -3}[kind]
+    start = {"from 0": 0, "offset": 5, "large offset": 2000, "negative": -3}.get(kind)
+    if start is None:
+        start = draw(st.sampled_from(LONG_CONTEXT), label=f"{label} start")
     starts = np.full(shape[:-1] + (1,), start, dtype=np.int64)
     if len(shape) == 2:  # rows of a batch start at different positions (left padding)
         starts = starts + d.ints(draw, (shape[0], 1), 50, label=f"{label} row starts")
@@ -217,7 +226,7 @@ def relative_position(run, drawn, dtype: str):
 def _gated(draw, dtype: str) -> Call:
     ndim = d.dim(draw, 1, 3, label="ndim")
     lead = [d.dim(draw, 1, 3, label=f"dim{i}") for i in range(ndim - 1)]
-    dm, f = d.dim(draw, 1, 5, label="D"), d.dim(draw, 1, 6, label="F")
+    dm, f = d.length(draw, 1, 5, label="D"), d.length(draw, 1, 6, label="F")
     regime = draw(st.sampled_from(["normal", "saturating"]), label="x regime")
     x = d.floats(draw, dtype, (*lead, dm), *((-3, 3) if regime == "normal" else (-30, 30)),
                  label="x")
@@ -307,12 +316,13 @@ def _gqa(draw, dtype: str, *, plain: bool = False, causal: bool | None = None) -
     """``plain``: no offset, window, ALiBi or softcap (what SDPA expresses)."""
     b, h, g = draw(_gqa_shape())
     decode = not plain and draw(st.booleans(), label="decode")
-    n_k = d.dim(draw, 1, 6, label="S")
+    n_k = d.length(draw, 1, 6, label="S")
     n_q = 1 if decode else d.dim(draw, 1, 4, label="L")
     e = draw(st.sampled_from([1, 2, 3, 5]), label="E")
     ev = d.dim(draw, 1, 3, label="Ev")
-    q = _values(draw, dtype, (b, h, n_q, e), label="q", extreme=True)
-    k = _values(draw, dtype, (b, g, n_k, e), label="k")
+    q, k = score_family(draw, dtype, _values(draw, dtype, (b, h, n_q, e), label="q",
+                                             extreme=True),
+                        _values(draw, dtype, (b, g, n_k, e), label="k"))
     v = _values(draw, dtype, (b, g, n_k, ev), label="v")
     kind = draw(st.sampled_from(["none", "none", "[S]", "[L,S]", "[B,1,1,S]", "[B,h,L,S]"]),
                 label="mask shape")
@@ -457,8 +467,8 @@ def decode_equals_last_rows(run, drawn, dtype: str):
 
 @st.composite
 def _flce(draw, dtype: str) -> Call:
-    n, dm = d.dim(draw, 1, 5, label="N"), d.dim(draw, 1, 4, label="D")
-    vocab = draw(st.sampled_from([1, 2, 3, 5, 8]), label="V")
+    n, dm = d.dim(draw, 1, 5, label="N"), d.length(draw, 1, 4, label="D")
+    vocab = d.length(draw, 1, 8, label="V")
     softcap = draw(st.sampled_from([None, None, 1.0, 30.0]), label="softcap")
     regimes = ["normal", "large"] + (["past the dtype's range"] if softcap else [])
     regime = draw(st.sampled_from(regimes), label="logit regime")
@@ -466,8 +476,12 @@ def _flce(draw, dtype: str) -> Call:
            "past the dtype's range": (300.0, 300.0)}[regime]
     hidden = d.floats(draw, dtype, (n, dm), -mag[0], mag[0], label="hidden")
     weight = d.floats(draw, dtype, (vocab, dm), -mag[1], mag[1], label="weight")
-    bias = d.floats(draw, dtype, (vocab,), -1, 1, label="bias") if draw(
-        st.booleans(), label="bias given") else None
+    bias_kind = draw(st.sampled_from(["none", "drawn", "common offset"]), label="bias")
+    bias = None
+    if bias_kind != "none":  # a common offset c shifts every logit (softmax unchanged)
+        c = 0.0 if bias_kind == "drawn" else draw(st.sampled_from(d.OFFSETS), label="offset")
+        c = min(c, d.FINITE_MAX[dtype] / 8) * draw(st.sampled_from([1.0, -1.0]), label="sign")
+        bias = d.floats(draw, dtype, (vocab,), c - 1, c + 1, label="bias")
     ignore = draw(st.sampled_from([-100, 0]), label="ignore_index")
     t = d.ints(draw, (n,), vocab, label="targets")
     drop = draw(st.sampled_from(["none", "some", "all"]), label="ignored rows")

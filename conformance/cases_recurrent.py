@@ -53,7 +53,9 @@ def _options(draw, kind: str) -> dict:
 
 @st.composite
 def _cell(draw, dtype: str, kind: str) -> Call:
-    B, I, H = (d.dim(draw, 1, n, label=lbl) for n, lbl in ((3, "B"), (4, "I"), (4, "H")))
+    """One step; the summed widths ``I`` and ``H`` sometimes past a tile."""
+    B = d.dim(draw, 1, 3, label="B")
+    I, H = d.length(draw, 1, 4, label="I"), d.length(draw, 1, 4, label="H")
     w = _regime(draw)
     x = d.floats(draw, dtype, (B, I), label="x")
     states = tuple(d.floats(draw, dtype, (B, H), label=n) for n in ("h", "c")[:_n_states(kind)])

@@ -64,7 +64,7 @@ def _np_log_softmax(x: np.ndarray) -> np.ndarray:
 @cases("kl_divergence", scale=lambda call, cot=None: _kl_scale(*call.args) * _cot_scale(cot))
 @st.composite
 def _kl(draw, dtype: str) -> Call:
-    n, vocab = d.dim(draw, 1, 4, label="N"), d.dim(draw, 1, 6, label="V")
+    n, vocab = d.dim(draw, 1, 4, label="N"), d.length(draw, 1, 6, label="V")
     log_p = _np_log_softmax(d.logits(draw, "float64", (n, vocab), label="p logits"))
     log_q = _np_log_softmax(d.logits(draw, "float64", (n, vocab), label="q logits"))
     holes = draw(st.sampled_from(["none", "p = 0", "p = q = 0", "q = 0"]), label="zeros")
@@ -95,7 +95,7 @@ TEMPERATURES = (0.05, 0.5, 1.0, 2.0, 7.5, 40.0)
 
 @st.composite
 def _logit_pair(draw, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n, vocab = d.dim(draw, 1, 4, label="N"), d.dim(draw, 1, 6, label="V")
+    n, vocab = d.dim(draw, 1, 4, label="N"), d.length(draw, 1, 6, label="V")
     s = d.logits(draw, dtype, (n, vocab), label="student_logits")
     t = d.logits(draw, dtype, (n, vocab), label="teacher_logits")
     return s, t, d.ints(draw, (n,), vocab, label="targets")
@@ -146,8 +146,8 @@ CLIP_REGIMES = ("normal", "zeros", "tiny", "one huge", "|g|³ out of range")
 @st.composite
 def _clip(draw, dtype: str) -> Call:
     count = d.dim(draw, 1, 3, label="number of arrays")
-    shapes = [tuple(d.dim(draw, 1, 4, label="size") for _ in range(d.dim(draw, 0, 2,
-                                                                          label="ndim")))
+    shapes = [tuple(d.length(draw, 1, 4, label="size") for _ in range(d.dim(draw, 0, 2,
+                                                                             label="ndim")))
               for _ in range(count)]
     regime = draw(st.sampled_from(CLIP_REGIMES), label="regime")
     lo, hi = {"tiny": (-1e-3, 1e-3), "zeros": (0.0, 0.0)}.get(regime, (-3.0, 3.0))
@@ -281,18 +281,59 @@ cases("mlm_mask", k=lambda call: 1, compare=compare_mlm_mask)(_mlm)
 
 # -- sample_token ----------------------------------------------------------------------
 
+MIN_P_EDGE = (0.9, 0.97, 1.03, 1.1)
+"""Ratios ``p_1/(min_p·p_0)`` of the runner-up token in the min-p edge family: just
+outside (below 1: dropped) and just inside (kept)."""
+
+
+@st.composite
+def _min_p_edge(draw, dtype: str, b: int) -> tuple[np.ndarray, dict]:
+    """Rows at min-p's decision edge, with the top-k filter renormalising first: token 0
+    has probability ``p_0``, token 1 ``r·min_p·p_0`` (``r`` in :data:`MIN_P_EDGE`) and the
+    ``V − 2 ≥ 2`` others ``0.9·`` that each, cut by ``top_k = 2``, which leaves a mass
+    ``Z < 1`` to renormalise. Whether token 1 survives depends on comparing with the largest
+    *renormalised* probability (CONTRACT §6, 2026-11-29): taking the largest before the
+    renormalisation keeps token 1 for every ratio ``r ≥ Z``. Token ids are permuted; the
+    logits are scaled by the temperature so that ``logits/T`` keeps the ratios."""
+    vocab = d.dim(draw, 4, 7, label="V (min-p edge)")
+    min_p = draw(st.sampled_from([0.3, 0.5, 0.8]), label="min_p (edge)")
+    temp = draw(st.sampled_from([0.7, 1.0, 3.0]), label="temperature (edge)")
+    rows = []
+    for i in range(b):
+        r = draw(st.sampled_from(MIN_P_EDGE), label=f"ratio to min_p, row {i}")
+        z = np.full(vocab, math.log(0.9 * r * min_p))
+        z[0], z[1] = 0.0, math.log(r * min_p)
+        rows.append(z[np.array(draw(st.permutations(range(vocab)), label=f"ids, row {i}"))])
+    x = d.as_dtype(np.array(rows) * temp + draw(st.sampled_from([0.0, 3.0, -40.0]),
+                                                 label="common offset"), dtype)
+    return x, {"temperature": temp, "top_k": 2, "top_p": 1.0, "min_p": min_p}
+
+
 @st.composite
 def _sample(draw, dtype: str) -> Call:
-    b, vocab = d.dim(draw, 1, 4, label="B"), d.dim(draw, 1, 7, label="V")
-    x = d.logits(draw, dtype, (b, vocab))
-    temp = draw(st.sampled_from([0.0, 1e-3, 0.1, 0.7, 1.0, 3.0, 50.0]), label="temperature")
-    top_k = draw(st.sampled_from([0, 1, 2, vocab, vocab + 3]), label="top_k")
-    top_p = draw(st.sampled_from([1.0, 0.0, 1e-3, 0.3, 0.5, 0.75, 0.9, 0.999]), label="top_p")
-    min_p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.2, 0.3, 0.5, 1.0]), label="min_p")
+    """Logits of every regime over 1…7 tokens (sometimes past a tile) with every filter;
+    in about one example in three, two or more rows at min-p's decision edge
+    (:func:`_min_p_edge`)."""
+    b = d.dim(draw, 1, 4, label="B")
+    if draw(st.sampled_from([False, False, True]), label="min-p edge"):
+        b = max(b, 2)
+        x, kw = draw(_min_p_edge(dtype, b))
+        temp, top_k, top_p, min_p = (kw[k] for k in ("temperature", "top_k", "top_p", "min_p"))
+    else:
+        vocab = d.length(draw, 1, 7, label="V")
+        x = d.logits(draw, dtype, (b, vocab))
+        temp = draw(st.sampled_from([0.0, 1e-3, 0.1, 0.7, 1.0, 3.0, 50.0]),
+                    label="temperature")
+        top_k = draw(st.sampled_from([0, 1, 2, vocab, vocab + 3]), label="top_k")
+        top_p = draw(st.sampled_from([1.0, 0.0, 1e-3, 0.3, 0.5, 0.75, 0.9, 0.999]),
+                     label="top_p")
+        min_p = draw(st.sampled_from([0.0, 0.0, 0.05, 0.2, 0.3, 0.5, 1.0]), label="min_p")
     edges = []
-    if temp > 0:  # u on the bin edges of the reference's own filtered distribution
+    if temp > 0:  # u on the bin edges of the reference's own filtered distribution, and of
+        # the one without min-p (where min-p's decision changes the outcome, both sides)
         _, ps = tr.sorted_probs(x.astype(np.float64), temp)
-        edges = np.cumsum(tr.filter_sorted(ps, top_k, top_p, min_p), axis=-1).ravel().tolist()
+        edges = [e for mp in dict.fromkeys((min_p, 0.0))
+                 for e in np.cumsum(tr.filter_sorted(ps, top_k, top_p, mp), axis=-1).ravel()]
     u = draw(_draws(dtype, (b,), [e for e in edges if e < 1], "u"))
     return Call((x, u), {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p})
 

@@ -102,17 +102,28 @@ def floats(draw, dtype: str, shape: Sequence[int], lo: float = -3.0, hi: float =
     return as_dtype(raw, dtype)
 
 
-REGIMES = ("normal", "large", "very_negative", "ties", "tiny")
+REGIMES = ("normal", "large", "very_negative", "ties", "tiny", "offset")
+
+OFFSETS = (300.0, 2000.0, 1e4)
+"""Magnitudes of the common offset of the ``"offset"`` regime of :func:`logits`."""
 
 
 def logits(draw, dtype: str, shape: Sequence[int], *, label: str = "logits",
            regimes: Sequence[str] = REGIMES) -> np.ndarray:
     """Logit-like values in one of several regimes: ordinary, huge magnitude (overflows a
-    naive ``exp``), very negative (underflows), ties, tiny."""
+    naive ``exp``), very negative (underflows), ties, tiny, and ordinary logits plus a
+    large common offset ``c`` (``x = c + U(−5, 5)``, ``|c|`` in :data:`OFFSETS`: the
+    softmax is unchanged, but ``exp`` without the max shift overflows, and a log-sum-exp
+    or loss accumulated in a short format loses the spread to ``c``'s rounding)."""
     regime = draw(_sampled(tuple(regimes)), label=f"{label} regime")
     big = min(FINITE_MAX[dtype] / 4, 1e4)
     if regime == "normal":
         return floats(draw, dtype, shape, -5, 5, label=label)
+    if regime == "offset":
+        c = draw(_sampled(OFFSETS), label=f"{label} offset") * draw(
+            _sampled((1.0, -1.0)), label=f"{label} offset sign")
+        c = float(np.clip(c, -big, big))
+        return floats(draw, dtype, shape, c - 5, c + 5, label=label)
     if regime == "large":
         return floats(draw, dtype, shape, -big, big, label=label)
     if regime == "very_negative":
@@ -133,3 +144,23 @@ def bools(draw, shape: Sequence[int], *, label: str = "mask") -> np.ndarray:
 
 def dim(draw, lo: int, hi: int, *, label: str) -> int:
     return draw(_integers(int(lo), int(hi)), label=label)
+
+
+TILES = (8, 16, 32, 64, 128)
+"""Common tile and vector widths of kernels (SIMD lanes, warp multiples, GPU blocks)."""
+LONG_LENGTHS = tuple(t + 1 for t in TILES)
+"""Lengths one past each tile size: a kernel wrong only past its first tile (a second,
+partial tile: a running max or sum not carried, a tail left out) shows at these."""
+LONG_ONE_IN = 12
+"""A reduced axis is one of :data:`LONG_LENGTHS` in about one example in this many."""
+_LONG_COIN = st.integers(0, LONG_ONE_IN - 1)
+
+
+def length(draw, lo: int, hi: int, *, label: str) -> int:
+    """The length of a reduced axis (a softmax or norm row, keys, a vocabulary): usually
+    in ``[lo, hi]``, and in about one example in :data:`LONG_ONE_IN` (~8 %) one of
+    :data:`LONG_LENGTHS` (9, 17, 33, 65, 129), past the tile sizes a short range never
+    reaches; the long draw is its own choice, so shrinking falls back to the short range."""
+    if draw(_LONG_COIN, label=f"{label} past a tile?") == LONG_ONE_IN - 1:
+        return draw(_sampled(LONG_LENGTHS), label=f"{label} (long)")
+    return dim(draw, lo, hi, label=label)

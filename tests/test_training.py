@@ -448,6 +448,55 @@ def test_sample_candidates_cover_ties_and_the_nucleus_edge():
     assert ct.sample_candidates(x, 0.3, 1.0, 0, edge, eps) == {0}
 
 
+
+def _sample_torch(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *,
+                  max_before_renormalising=False):
+    """sample_token in torch, in the logits' dtype: sort ``softmax(logits/T)``, keep the
+    top k and renormalise, the top-p prefix and renormalise, then the tokens with
+    ``p ≥ min_p·max p`` (the renormalised largest, or with the bug the largest before the
+    top-k/top-p renormalisation) and renormalise; the inverse CDF at ``u``."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    p, order = torch.sort(torch.softmax(logits / temperature, -1), dim=-1, descending=True,
+                          stable=True)
+    rank = torch.arange(p.shape[-1])
+    before = p[:, :1].clone()
+
+    def renormalised(q, keep):
+        q = torch.where(keep, q, torch.zeros_like(q))
+        return q / q.sum(-1, keepdim=True)
+
+    p = renormalised(p, rank < (top_k or p.shape[-1]))
+    if top_p < 1:
+        p = renormalised(p, (torch.cumsum(p, -1) - p < top_p) | (rank == 0))
+    if min_p > 0:
+        largest = before if max_before_renormalising else p[:, :1]
+        p = renormalised(p, (p >= min_p * largest) | (rank == 0))
+    cum = torch.cumsum(p, -1)
+    pick = torch.minimum(torch.searchsorted(cum, u[:, None].to(cum.dtype), right=True)[:, 0],
+                         (p > 0).sum(-1) - 1)
+    return order.gather(-1, pick[:, None])[:, 0]
+
+
+def _min_p_max_before_renormalising(logits, u, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    return _sample_torch(logits, u, temperature, top_k, top_p, min_p,
+                         max_before_renormalising=True)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_min_p_edge_draws_catch_the_max_before_renormalising(seed):
+    """The min-p edge family of the strategy (rows whose runner-up sits just outside or
+    inside ``min_p×`` the largest, behind a top-k cut): at the default profile's 30
+    examples the mutant taking the largest probability before the top-k/top-p
+    renormalisation fails on every seed, and the correct version passes."""
+    from tests.conftest import MutantBackend, run_checks
+
+    for fn, want in ((_min_p_max_before_renormalising, "fail"), (_sample_torch, "pass")):
+        results = run_checks(MutantBackend({"sample_token": fn}), "sample_token",
+                             ("float32", "float64"), ("forward",), max_examples=30, seed=seed)
+        assert [r["status"] for r in results] == [want] * 2, [r["message"] for r in results]
+
+
 # -- low precision (float16 / bfloat16): the torch backend and the strategies ---------------
 
 LOWP = TorchBackend("torch-cpu-lowp", "cpu", ("float16", "bfloat16"))
