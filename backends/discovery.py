@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from . import validate
 from .registry import BUILTIN_NAMES, BUILTIN_PLUGIN, ENTRY_POINT_GROUP
 from .remote import DEFAULT_TIMEOUT_S, BackendFatal, HostProcess, RemoteBackend, ask_all
 
@@ -137,9 +138,9 @@ class BackendTable:
             h.spawn()
         for src, host in zip(srcs, hosts):
             self.hosts.append(host)
-            for d in host.collect():
-                name = str(d.get("name", src.target))
-                status = str(d.get("status", "ok"))
+            for raw in host.collect():
+                d, status = validate.descriptor(raw, src.target)
+                name = d["name"]
                 if status == "ok" and any(e.name == name and e.loaded for e in self.entries):
                     status = f"failed to load: backend name {name!r} is already registered"
                 if status == "ok" and name in BUILTIN_NAMES and not src.builtin:
@@ -155,16 +156,19 @@ class BackendTable:
         answers = ask_all([e.host for e in todo], [("available", e.name) for e in todo],
                           self.probe_timeout)  # type: ignore[misc]
         for e, ans in zip(todo, answers):
+            pair = None if isinstance(ans, BaseException) else validate.availability(ans)
             if isinstance(ans, BaseException):
                 e.status = f"unavailable: available() {_failure(ans)}"
-            elif not ans[0]:
-                e.status = f"unavailable: {ans[1] or 'reason not given'}"
+            elif pair is None:
+                e.status = "unavailable: available() returned a malformed answer"
+            elif not pair[0]:
+                e.status = f"unavailable: {pair[1] or 'reason not given'}"
         live = [e for e in todo if e.ok]
         infos = ask_all([e.host for e in live], [("info", e.name) for e in live],
                         self.probe_timeout)  # type: ignore[misc]
         for e, ans in zip(live, infos):
             e.info = {"error": f"info() {_failure(ans)}"} if isinstance(
-                ans, BaseException) else dict(ans)
+                ans, BaseException) else validate.info(ans)
         return list(self.entries if entries is None else entries)
 
     def get(self, name: str) -> Entry | None:

@@ -2,13 +2,15 @@
 
 The judge — the Hypothesis search, the reference, the baseline, the tolerance and the
 verdict — never imports or calls plugin code. It starts this module as a child process
-(``python -m lmspec.backends.host FD``) and speaks a small pickle protocol with it over
-the socket ``FD``; :mod:`lmspec.backends.remote` is the other end. The child's stdin is
-``/dev/null`` and its stdout/stderr go to a capture file that the judge reads, so
-nothing a plugin prints reaches lmspec's own output.
+(``python -I -m lmspec.backends.host FD``, inside a sandbox where one is available) and
+speaks the flat protocol of :mod:`lmspec.backends.wire` with it over the socket ``FD``;
+:mod:`lmspec.backends.remote` is the other end. The child's stdin is ``/dev/null`` and its
+stdout/stderr go to a capture file that the judge reads, so nothing a plugin prints
+reaches lmspec's own output.
 
-Requests are tuples ``(verb, *payload)``; every reply is ``("ok", value)`` or
-``("raise", type_name, message, not_implemented)``:
+Requests are tuples ``(verb, *payload)`` (pickled by the judge, which the host trusts);
+every reply is a frame whose header says ``"ok"`` with a value, or ``"raise"`` with the
+exception's type, message and whether it is a ``NotImplementedError``:
 
 ``("load", source, target)``
     load one plugin (``source`` is ``"entry point"``, ``"module"`` …, ``target`` the
@@ -22,10 +24,10 @@ Requests are tuples ``(verb, *payload)``; every reply is ``("ok", value)`` or
 ``("applies", name, key, args, kwargs)``
     a declared deviation's predicate on one example.
 
-Replies hold only NumPy arrays, numbers, strings, tuples, lists, dicts and None
-(outputs of other types are converted with ``numpy.asarray``), so the judge can
-unpickle them with a restricted unpickler. Messages are cut to
-:data:`MAX_MESSAGE` characters.
+Replies hold NumPy arrays of numeric dtypes, numbers, strings, tuples, lists, dicts and
+None (outputs of other types are converted with ``numpy.asarray``); the judge rebuilds the
+arrays from raw bytes and unpickles nothing. Messages are cut to :data:`MAX_MESSAGE`
+characters.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ class Host:
         out = getattr(self.backend(name), method)(*args, **kwargs)
         after = dict(_fingerprints((args, kwargs)))
         changed = [path for path, fp in before.items() if after.get(path) != fp]
-        return _plain(out), changed
+        return out, changed
 
     def applies(self, name: str, key: str, args: tuple, kwargs: dict) -> bool:
         dev = dict(getattr(self.backend(name), "deviations", None) or {})[key]
@@ -252,7 +254,16 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _plugin_path() -> None:
+    """The host runs isolated (``python -I``: neither the working directory nor the user
+    site is on ``sys.path``, so neither can shadow ``lmspec``); the plugin modules the user
+    makes importable through ``PYTHONPATH`` are added once lmspec itself is imported."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [os.path.abspath(p) for p in extra if os.path.abspath(p) not in sys.path]
+
+
 def main(fd: int) -> None:
+    _plugin_path()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the judge decides when a run stops
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
     _die_with_parent()

@@ -1,37 +1,45 @@
 """The judge's side of the backend host (see :mod:`lmspec.backends.host`).
 
-:class:`HostProcess` starts a host child, sends it requests and waits for each reply
-at most ``timeout`` seconds: a call that overstays gets the child killed (its whole
-process group, ``SIGKILL``), not interrupted, and a child that dies — ``os._exit``, a
-segfault, out of memory — is noticed by the closed socket. Either way the next request
-starts a fresh child and loads the plugin again. :class:`RemoteBackend` makes a backend
-served by a host look like the backend object itself, so the harness is the same for
-in-process objects (the project's tests, ``lmspec.check``) and plugins.
+:class:`HostProcess` starts a host child (in the sandbox of :mod:`lmspec.backends.sandbox`),
+sends it requests and reads each reply against the call's deadline, every byte of it: a
+call that overstays gets the child killed (its whole process group, ``SIGKILL``), not
+interrupted, and a child that dies — ``os._exit``, a segfault, out of memory — is noticed
+by the closed socket. Either way the next request starts a fresh child and loads the
+plugin again. A child killed by a signal the judge did not send is restarted and asked
+once more; while the judge itself is being stopped, that death is part of the stop.
+:class:`RemoteBackend` makes a backend served by a host look like the backend object
+itself, so the harness is the same for in-process objects (the project's tests,
+``lmspec.check``) and plugins.
 
-Replies are unpickled with an allow-list of NumPy and ml_dtypes constructors only: a
-plugin cannot run code in the judge by crafting its reply.
+Replies are flat frames (:mod:`lmspec.backends.wire`): JSON and raw array bytes, never a
+pickle. Each carries the id of the request it answers; any other id, a malformed frame
+or one over the limits is the backend's error and restarts its host.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.connection import Connection
 from typing import Any
+
+from . import guard, sandbox, wire
 
 DEFAULT_TIMEOUT_S = 30.0
 """Default limit on one backend call (``lmspec run --timeout``)."""
 
-MAX_REPLY_BYTES = 1 << 30
-"""Largest reply the judge accepts (a larger one is an error of the backend)."""
+MAX_REPLY_BYTES = wire.MAX_BODY_BYTES
+"""Largest reply body the judge accepts (a larger one is an error of the backend)."""
 
 MAX_OUTPUT = 4000
 """Characters of a backend's captured stdout/stderr kept per check."""
@@ -54,26 +62,8 @@ class BackendFatal(Exception):
     """The backend host died or overstayed: the check ends as ``error`` at once."""
 
 
-_ALLOWED = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy.core.numeric", "_frombuffer"), ("builtins", "complex"), ("builtins", "slice"),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED or (module == "ml_dtypes" and name in (
-                "bfloat16", "float8_e4m3fn", "float8_e5m2")) or (
-                module == "numpy.dtypes" and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"the backend's reply holds a {module}.{name}, which the "
-                                     "judge does not accept")
-
-
-def safe_loads(data: bytes) -> Any:
-    return _SafeUnpickler(io.BytesIO(data)).load()
+class HostSignalled(BackendFatal):
+    """The host was killed by a signal the judge did not send."""
 
 
 def _exit_text(code: int | None) -> str:
@@ -96,11 +86,18 @@ class HostProcess:
         self.timeout = timeout
         self.load_timeout = max(timeout, 60.0) if load_timeout is None else load_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: Connection | None = None
+        self.sock: socket.socket | None = None
         self.capture = tempfile.TemporaryFile(prefix="lmspec-host-")
         self.descriptors: list[dict[str, Any]] = []
         self.starts = 0
+        self.sandbox = sandbox.current()
+        self._pending: deque[str] = deque()
+        self._ids = itertools.count()
+        self._nonce = ""
+        self._killed = False
         self._dismissed = False
+        self._timed_out: float | None = None
+        self._stray = False
 
     # -- life cycle ----------------------------------------------------------------
     def start(self) -> list[dict[str, Any]]:
@@ -112,17 +109,23 @@ class HostProcess:
         """Start the child and ask it to load the plugins (:meth:`collect` gets the
         answers), so that several hosts start in parallel."""
         parent, child = socket.socketpair()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        argv, env = self.sandbox.command(
+            [sys.executable, "-I", "-u", "-m", "lmspec.backends.host", str(child.fileno())],
+            ",".join(t for _, t in self.plugins))
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lmspec.backends.host", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=self.capture,
-                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            self.proc = subprocess.Popen(argv, pass_fds=(child.fileno(),),
+                                         stdin=subprocess.DEVNULL, stdout=self.capture,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env)
         finally:
             child.close()
-        self.conn = Connection(parent.detach())
+        guard.adopt(self.proc.pid)
+        parent.setblocking(False)
+        self.sock = parent
         self.starts += 1
-        self._dismissed = False
+        self._dismissed = self._killed = False
+        self._pending.clear()
+        self._nonce = secrets.token_hex(8)
         for source, target in self.plugins:
             self.send(("load", source, target))
 
@@ -135,15 +138,20 @@ class HostProcess:
                             "backend process ended before it)", "plugin": target})
                 continue
             try:
-                out += self.receive(max(0.01, self.load_timeout - (time.monotonic() - t0)))
+                value = self.receive(max(0.01, self.load_timeout - (time.monotonic() - t0)))
             except (BackendRaised, BackendFatal, NotImplementedError) as exc:
-                out.append({"name": target, "status": f"failed to load: {exc}",
-                            "plugin": target})
+                value = [{"name": target, "status": f"failed to load: {exc}",
+                          "plugin": target}]
+            if not isinstance(value, list):
+                value = [{"name": target, "status": "failed to load: the plugin's host sent "
+                          "a malformed list of backends", "plugin": target}]
+            out += value
         self.descriptors = out
         return out
 
     def kill(self) -> None:
         if self.proc is not None:
+            self._killed = True
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -152,18 +160,19 @@ class HostProcess:
         self._forget()
 
     def _forget(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.conn, self.proc = None, None
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.proc = None, None
+        self._pending.clear()
 
     def dismiss(self) -> None:
         """Ask the child to leave without waiting for it (:meth:`close` reaps it): a
         controller whose checks run in other processes lets it exit meanwhile."""
-        if self.proc is not None and self.conn is not None and not self._dismissed:
+        if self.proc is not None and self.sock is not None and not self._dismissed:
             try:
-                self.conn.send_bytes(pickle.dumps(("exit",)))
+                wire.send(self.sock, wire.frame({"verb": "exit"}), time.monotonic() + 1.0)
                 self._dismissed = True
-            except OSError:
+            except (OSError, wire.Deadline):
                 pass
 
     def close(self) -> None:
@@ -200,50 +209,118 @@ class HostProcess:
     # -- requests ------------------------------------------------------------------
     def request(self, message: tuple, timeout: float | None = None) -> Any:
         """Send ``message`` and return the reply's value (raises BackendRaised,
-        NotImplementedError or BackendFatal)."""
-        self.send(message)
-        return self.receive(timeout)
+        NotImplementedError or BackendFatal). A host killed by a signal the judge did not
+        send is started again and asked once more; while the judge is being stopped,
+        :class:`~lmspec.backends.guard.Interrupted` instead."""
+        for attempt in (0, 1):
+            self.send(message, timeout)
+            try:
+                return self.receive(timeout)
+            except HostSignalled:
+                _interrupted_now()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: tuple, timeout: float | None = None) -> None:
         if self.proc is None and message[0] != "load":
             self.start()
-        if self.conn is None:
+        if self.sock is None:
             return
+        if not self._pending and self._stray_bytes():
+            self.kill()  # receive() says why
+            self._stray = True
+            return
+        rid = f"{self._nonce}:{next(self._ids)}"
+        self._pending.append(rid)
+        limit = self.timeout if timeout is None else timeout
         try:
-            self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            wire.send(self.sock, wire.frame({"id": rid, "verb": message[0]}, pickle.dumps(
+                message, protocol=pickle.HIGHEST_PROTOCOL)), time.monotonic() + limit)
+        except wire.Deadline:
+            self.kill()  # a host that does not read: receive() says so
+            self._timed_out = limit
         except OSError:
             pass  # a dead child: receive() says how it ended
 
-    def receive(self, timeout: float | None = None) -> Any:
-        if self.conn is None:
-            raise BackendFatal("the backend process is gone")
-        limit = self.timeout if timeout is None else timeout
+    def _stray_bytes(self) -> bool:
+        """Whether the host sent something while no request was pending."""
+        assert self.sock is not None
         try:
-            if not self.conn.poll(limit):
-                self.kill()
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, OSError):
+            return False
+
+    def receive(self, timeout: float | None = None) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        if self.sock is None:
+            if self._stray:
+                self._stray = False
+                raise BackendFatal("the backend sent a reply to another request (one that "
+                                   "nobody asked for); the backend process was restarted")
+            if self._timed_out is not None:
+                self._timed_out = None
                 raise BackendFatal(f"timed out after {limit:g} s (the backend process was "
                                    "killed)")
-            reply = safe_loads(self.conn.recv_bytes(MAX_REPLY_BYTES))
-        except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            code = None
-            if self.proc is not None:
-                try:
-                    code = self.proc.wait(2.0)
-                except subprocess.TimeoutExpired:
-                    pass
+            raise BackendFatal("the backend process is gone")
+        expected = self._pending.popleft() if self._pending else None
+        try:
+            header, value = wire.read_reply(self.sock, time.monotonic() + limit)
+        except wire.Deadline:
             self.kill()
-            if isinstance(exc, pickle.UnpicklingError):
-                raise BackendFatal(str(exc)) from None
-            if code is None and isinstance(exc, OSError) and "bad message length" in str(exc):
-                raise BackendFatal(f"the backend's reply exceeds {MAX_REPLY_BYTES} bytes"
-                                   ) from None
-            raise BackendFatal(f"the backend process {_exit_text(code)}") from None
-        if reply[0] == "ok":
-            return reply[1]
-        _, kind, text, not_implemented = reply
-        if not_implemented:
+            raise BackendFatal(f"timed out after {limit:g} s (the backend process was "
+                               "killed)") from None
+        except wire.ProtocolError as exc:
+            self.kill()
+            raise BackendFatal(f"{exc} (the backend process was restarted)") from None
+        except (EOFError, OSError):
+            raise self._died() from None
+        if header.get("id") != expected:
+            self.kill()
+            raise BackendFatal(f"the backend sent a reply to another request (id "
+                               f"{str(header.get('id'))[:40]!r}); the backend process was "
+                               "restarted")
+        if header.get("status") == "ok":
+            return value
+        err = header.get("error")
+        if header.get("status") != "raise" or not isinstance(err, dict):
+            self.kill()
+            raise BackendFatal("the backend sent a malformed reply (the backend process was "
+                               "restarted)")
+        kind, text = str(err.get("type", "Exception"))[:200], str(err.get("message", ""))
+        text = text if len(text) <= 2 * 2000 else text[:2000] + " …[cut]"
+        if err.get("not_implemented") is True:
             raise NotImplementedError(text)
         raise BackendRaised(f"{kind}: {text}" if text else kind)
+
+    def _died(self) -> BackendFatal:
+        """How the child ended, as the exception of the call that noticed."""
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        killed_by_us = self._killed
+        self.kill()
+        if code is not None and self.sandbox.level == "bwrap" and 128 < code < 128 + 65:
+            code = 128 - code  # bwrap exits 128+n when its child was killed by signal n
+        exc_type = HostSignalled if code is not None and code < 0 and not killed_by_us \
+            else BackendFatal
+        return exc_type(f"the backend process {_exit_text(code)}")
+
+
+def _interrupted_now(wait: float = 0.5) -> None:
+    """Raise :class:`guard.Interrupted` if the judge is being stopped (a signal sent to
+    the judge and its hosts together may kill the host first: wait a moment for it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        signum = guard.stopping()
+        if signum is not None:
+            raise guard.Interrupted(signum)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
 
 
 class RemoteBackend:
@@ -275,7 +352,15 @@ class RemoteBackend:
 
     def _method(self, method: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            out, changed = self.host.request(("call", self.name, method, args, kwargs))
+            reply = self.host.request(("call", self.name, method, args, kwargs))
+            if not (isinstance(reply, tuple) and len(reply) == 2 and isinstance(
+                    reply[1], (tuple, list)) and all(
+                    isinstance(p, tuple) and len(p) >= 2 and p[0] in ("args", "kwargs")
+                    and all(isinstance(i, (int, str)) for i in p) for p in reply[1])):
+                self.host.kill()
+                raise BackendFatal("the backend's host sent a malformed reply to a call (the "
+                                   "backend process was restarted)")
+            out, changed = reply
             if changed:
                 raise InputModified(tuple(changed[0]))
             return out
@@ -296,8 +381,14 @@ class _RemoteDeviation:
                  bound: float | str | None = None):
         self.reason = reason
         self.bound = bound
-        self.applies = (lambda args, kwargs: bool(backend.host.request(
+        self.applies = (lambda args, kwargs: _strict_bool(backend.host.request(
             ("applies", backend.name, key, tuple(args), dict(kwargs))))) if predicate else None
+
+
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BackendFatal("a deviation's predicate answered something other than a bool")
+    return value
 
 
 def ask_all(hosts: Sequence[HostProcess], messages: Sequence[tuple],

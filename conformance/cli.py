@@ -189,6 +189,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write reports to --report-dir {args.report_dir}: "
                          f"{exc.strerror or exc}") from None
+    from lmspec.backends import sandbox
+
+    try:
+        sandbox.use(sandbox.resolve(args.sandbox, args.allow_network))
+    except sandbox.SandboxUnavailable as exc:
+        raise UsageError(f"--sandbox bwrap: {exc}") from None
+    from lmspec.conformance import provenance
+
+    provenance.preload()
+    args.code_before = provenance.snapshot()  # compared before the report is written
     table = _table(args, args.backend)
     try:
         return _run(args, table, ops, report_dir, harness, report, runner, HOSTS, shard)
@@ -271,6 +281,17 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
                 if r["device"].startswith("cuda") and r.get("info")), None)
     rep = report.build(results, run_settings, rows, time.perf_counter() - t0,
                        incomplete=stopped is not None, extra_env={"gpu": gpu})
+    from lmspec.backends.sandbox import current
+    from lmspec.conformance import provenance
+
+    rep = provenance.stamp(rep, current().level, [e.source for e in entries])
+    changed = current().level == "none" and provenance.changed_since(
+        getattr(args, "code_before", {}))  # a sandboxed host cannot write them
+    if changed:  # a backend may have planted code in the judge: nothing here is citable
+        journal.close(remove=False)
+        print(f"lmspec: error: {changed}; no report is written (docs/security.md: run "
+              "untrusted backends with --sandbox bwrap)", file=sys.stderr)
+        return EXIT_FAIL
     try:
         paths = report.write(rep, report_dir)
     except OSError as exc:
@@ -291,9 +312,16 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
 # -- lmspec verify / replay ---------------------------------------------------------
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from lmspec.conformance import citation
+    from lmspec.conformance import citation, provenance, report
 
     ok, lines = citation.summary_lines(args.reports)
+    for i, path in enumerate(args.reports):
+        try:
+            problems = provenance.consistency(report.load(path))
+        except (OSError, ValueError):
+            continue
+        if problems:
+            ok, lines[i] = False, f"{path}: inconsistent — " + "; ".join(problems)
     print("\n".join(lines))
     return EXIT_OK if ok else EXIT_FAIL
 
@@ -313,7 +341,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     run_args = parser().parse_args(citation.replay_args(old, out_dir) + ["--jobs",
                                                                         str(args.jobs)])
     code = cmd_run(run_args)
-    if not hasattr(run_args, "written"):
+    if not hasattr(run_args, "written") or code > 128:  # 130/143: the replay was stopped
         return code
     diff = citation.differences(old, report.load(run_args.written))
     if diff:
@@ -481,6 +509,12 @@ def parser() -> argparse.ArgumentParser:
                         "`lmspec merge` combines the shard reports")
     timeout_opt(r, "limit on one backend call; a call that overstays has its backend process "
                    "killed and the check becomes an error")
+    r.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
+                   help="how backend hosts are isolated: bwrap (bubblewrap: read-only files, "
+                        "own PID and network namespace), none, or auto (bwrap where it works "
+                        "here, else none with a warning); see docs/security.md")
+    r.add_argument("--allow-network", action="store_true",
+                   help="let sandboxed backend hosts use the network")
     plugin_opt(r)
     r.set_defaults(func=cmd_run)
 
@@ -532,8 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
+    from lmspec.backends import guard
+
+    if argv is None and args.command in ("run", "replay", "backends", "ops"):
+        guard.exec_blocked()  # a backend's signals cannot stop the judge
+    guard.install()
     try:
         return int(args.func(args))
+    except KeyboardInterrupt as exc:  # stopped by a signal from outside the judge
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except UsageError as exc:
         print(f"lmspec: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,7 +1,8 @@
 """Running the conformance suite as a pytest session (so ``--jobs N`` is pytest-xdist).
 
-``lmspec run`` puts its selection in the environment variable ``LMSPEC_RUN_CONFIG``
-(JSON: the backends' descriptors and plugin sources, ops, dtypes, checks, settings) and
+``lmspec run`` writes its selection to a private file (JSON: the backends' descriptors
+and plugin sources, ops, dtypes, checks, settings), names it in the environment variable
+``LMSPEC_RUN_CONFIG_FILE`` (one variable can hold at most 128 KiB, a file any size) and
 runs ``pytest -p lmspec.conformance.pytest_plugin --pyargs lmspec.conformance.suite``;
 every xdist worker rebuilds the same target list from it. Each test item is one
 (backend, op, dtype, check) and hands its result record back to the controlling process
@@ -25,7 +26,7 @@ from lmspec.backends.remote import DEFAULT_TIMEOUT_S, HostProcess, RemoteBackend
 
 from .harness import Settings, Target, run_target, targets
 
-CONFIG_ENV = "LMSPEC_RUN_CONFIG"
+CONFIG_ENV = "LMSPEC_RUN_CONFIG_FILE"
 RESULT_KEY = "lmspec_result"
 
 HOSTS: dict[tuple[str, str], HostProcess] = {}
@@ -35,8 +36,11 @@ ones its backend table already started)."""
 
 @cache
 def config() -> dict[str, Any]:
-    raw = os.environ.get(CONFIG_ENV)
-    return json.loads(raw) if raw else {}
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _timeout() -> float:
@@ -79,12 +83,31 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lmspec_target", ts, ids=[t.id for t in ts])
 
 
+def close_hosts() -> None:
+    """Close every host this judge started or was lent."""
+    for h in HOSTS.values():
+        h.close()
+    HOSTS.clear()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A worker is a judge too: it takes its own signals (its hosts' are ignored) and,
+    stopped from outside, kills its hosts and leaves at once."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from lmspec.backends import guard
+
+        def leave(signum: int) -> None:
+            guard.kill_descendants()
+            os._exit(128 + signum)
+
+        guard.install()
+        guard.set_on_stop(leave)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Hosts this judge started go with it (``lmspec run --jobs 1`` closes its own)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        for h in HOSTS.values():
-            h.close()
-        HOSTS.clear()
+        close_hosts()
 
 
 def check(target: Target, record: Any) -> dict[str, Any]:

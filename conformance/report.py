@@ -238,9 +238,14 @@ def from_journal(path: str | Path) -> dict[str, Any]:
     targets = header.get("targets") or list(got)
     ordered = [got.get(t) or unrun(Target(*t.split("::", 3)), "interrupted: the run was "
                                    "stopped before this check finished") for t in targets]
-    return build(ordered, header.get("settings", {}), header.get("backends", []),
-                 sum(float(r.get("duration_s") or 0.0) for r in results),
-                 incomplete=any(t not in got for t in targets))
+    rep = build(ordered, header.get("settings", {}), header.get("backends", []),
+                sum(float(r.get("duration_s") or 0.0) for r in results),
+                incomplete=any(t not in got for t in targets))
+    rep["recovered"] = True  # rebuilt from a journal (CONTRACT §6, 2026-12-06)
+    if header.get("dropped"):
+        rep["journal_lines_dropped"] = header["dropped"]
+    rep["report_id"] = report_id(rep)
+    return rep
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -2,17 +2,22 @@
 
 ``lmspec run`` hands :func:`execute` the targets and the backends (already loaded in
 their hosts). The checks run as a pytest session (in this process for one job, under
-pytest-xdist for more); each finished check is appended to a journal in the report
-directory as it arrives. ``SIGINT``/``SIGTERM`` stop the session; the checks finished by
-then are kept and the rest become ``skipped`` with the reason ``interrupted``, so the
-report is valid and marked ``"incomplete": true``. A controller that dies outright
+pytest-xdist for more, each reading the run's configuration from a private file); each
+finished check is appended to a journal in the report directory as it arrives.
+``SIGINT``/``SIGTERM`` from outside the judge (:mod:`lmspec.backends.guard`: a backend's
+signals are ignored) stop the session at once; the checks finished by then are kept and
+the rest become ``skipped`` with the reason ``interrupted``, so the report is valid and
+marked ``"incomplete": true``. A controller that dies outright
 leaves the journal, from which ``lmspec report --journal FILE`` writes the report.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import signal
 import tempfile
 import time
@@ -20,14 +25,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmspec.backends import guard
+
 from .harness import Target
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """Exit status of a run stopped by a signal (128 + the signal's number)."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """Raised in the controller by SIGTERM (SIGINT raises KeyboardInterrupt itself)."""
+Interrupted = guard.Interrupted
 
 
 def check_report_dir(directory: str | Path) -> Path:
@@ -54,39 +60,75 @@ def unrun(t: Target, message: str, status: str = "skipped") -> dict[str, Any]:
             "counterexample": None, "reproduce": None}
 
 
+def _key_path(journal: Path) -> Path:
+    """Where the judge keeps a journal's key: in the user's state directory, which a
+    sandboxed host cannot see (its home is private), never beside the journal."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    name = hashlib.sha256(str(journal.resolve()).encode()).hexdigest()[:32]
+    return base / "lmspec" / "journal-keys" / f"{name}.key"
+
+
+def _mac(key: bytes, record: dict[str, Any]) -> str:
+    body = json.dumps(record, allow_nan=False, default=str, sort_keys=True).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
 class Journal:
-    """An append-only JSON-lines file: a header, then one result per finished check."""
+    """An append-only JSON-lines file: a header, then one result per finished check, each
+    line authenticated (``"mac"``: HMAC-SHA256 with a key of this run that only the judge
+    holds), so lines that anything else appends are dropped when a report is rebuilt."""
 
     def __init__(self, directory: Path, header: dict[str, Any]):
         self.path = directory / f".lmspec-run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}" \
             ".journal.jsonl"
+        self.key = secrets.token_bytes(32)
+        self.key_path = _key_path(self.path)
+        self.key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.key)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.write({"journal": 1, **header})
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+        record = json.loads(json.dumps(record, allow_nan=False, default=str))
+        self._f.write(json.dumps({**record, "mac": _mac(self.key, record)}, allow_nan=False)
+                      + "\n")
         self._f.flush()
 
     def close(self, remove: bool) -> None:
         self._f.close()
         if remove:
             self.path.unlink(missing_ok=True)
+            self.key_path.unlink(missing_ok=True)
 
 
 def read_journal(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A journal's header and the results it holds (a torn last line is ignored)."""
+    """A journal's header and the results it holds whose lines authenticate (a torn last
+    line is ignored); ``header["dropped"]`` counts the lines that did not."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     if not lines:
         raise ValueError(f"{path}: empty journal")
-    header = json.loads(lines[0])
-    if header.get("journal") != 1:
-        raise ValueError(f"{path}: not an lmspec journal")
-    results = []
-    for line in lines[1:]:
+    try:
+        key = _key_path(Path(path)).read_bytes()
+    except OSError:
+        raise ValueError(f"{path}: the key of this journal is gone (it is kept in "
+                         f"{_key_path(Path(path)).parent}), so no line can be trusted") from None
+    records, dropped = [], 0
+    for line in lines:
         try:
-            results.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             break
+        mac = rec.pop("mac", None) if isinstance(rec, dict) else None
+        if isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, rec)):
+            records.append(rec)
+        else:
+            dropped += 1
+    if not records or records[0].get("journal") != 1:
+        raise ValueError(f"{path}: not an lmspec journal, or its header does not authenticate")
+    header, results = records[0], records[1:]
+    header["dropped"] = dropped
     return header, results
 
 
@@ -103,7 +145,7 @@ class Collector:
         res = dict(report.user_properties).get(RESULT_KEY)
         key = report.nodeid.split("[", 1)[-1].rstrip("]")
         if res is None:
-            if report.failed and key not in self.results:
+            if report.failed and key not in self.results and not guard.stopping():
                 # the judge crashed outside the harness (e.g. an xdist worker died)
                 b, op, dt, check = (key.split("::") + ["", "", "", ""])[:4]
                 res = unrun(Target(b, op, dt, check), (report.longreprtext or "crashed")[-2000:],
@@ -147,30 +189,30 @@ def execute(todo: Sequence[Target], cfg: dict[str, Any], jobs: int,
     if jobs > 1:
         pytest_args += ["-n", str(jobs)]
     stopped: list[int] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if not stopped:
-            stopped.append(signum)
-            _terminate_children()
-            raise Interrupted(f"signal {signal.Signals(signum).name}")
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     old = os.environ.get(pytest_plugin.CONFIG_ENV)
-    os.environ[pytest_plugin.CONFIG_ENV] = json.dumps(cfg)
+    cfg_dir = tempfile.mkdtemp(prefix="lmspec-run-")  # mode 0700
+    cfg_path = Path(cfg_dir) / "config.json"
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    os.environ[pytest_plugin.CONFIG_ENV] = str(cfg_path)
     pytest_plugin.config.cache_clear()
     pytest_plugin.backends.cache_clear()
     code: Any = None
     try:
-        code = pytest.main(pytest_args, plugins=[collector])
+        with guard.on_stop(lambda signum: _terminate_children()):
+            code = pytest.main(pytest_args, plugins=[collector])
     except KeyboardInterrupt:
-        stopped.append(signal.SIGINT) if not stopped else None
+        stopped.append(guard.stopping() or signal.SIGINT)
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         if old is None:
             os.environ.pop(pytest_plugin.CONFIG_ENV, None)
         else:
             os.environ[pytest_plugin.CONFIG_ENV] = old
+        cfg_path.unlink(missing_ok=True)
+        os.rmdir(cfg_dir)
+        pytest_plugin.close_hosts()
+        guard.kill_descendants()  # whatever a host left behind goes before the report
+    if guard.stopping() and not stopped:
+        stopped.append(guard.stopping())
     if code == pytest.ExitCode.INTERRUPTED and not stopped:
         stopped.append(signal.SIGINT)
     results = []
