@@ -203,6 +203,8 @@ class JaxBackend:
     @cached_property
     def deviations(self) -> dict[str, Any]:  # type: ignore[override]
         out: dict[str, Any] = {}
+        if importlib.util.find_spec("jax") is None:  # unavailable: nothing to declare
+            return out
         for mod in self._modules.values():
             devs = getattr(mod, "DEVIATIONS", {})
             out.update(devs(self.device) if callable(devs) else devs)

@@ -22,6 +22,7 @@ imported on first use, never at plugin import.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import tempfile
@@ -284,6 +285,8 @@ class OrtBackend:
     @cached_property
     def deviations(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        if importlib.util.find_spec("onnxruntime") is None:  # unavailable: nothing to declare
+            return out
         for mod in self._modules():
             devs = getattr(mod, "DEVIATIONS", {})
             out.update(devs(self.provider) if callable(devs) else devs)
@@ -310,7 +313,7 @@ class OrtBackend:
         try:
             import onnxruntime
         except ImportError:
-            return False, "onnxruntime is not installed"
+            return False, "onnxruntime is not installed (pip install 'lmspec[onnxruntime]')"
         if self.provider not in onnxruntime.get_available_providers():
             return False, f"onnxruntime {onnxruntime.__version__} has no {self.provider}"
         if self.provider != "CPUExecutionProvider":

@@ -10,6 +10,7 @@ autograd. torch is imported on first use, never at plugin import.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -123,6 +124,8 @@ class TorchBackend:
     @cached_property
     def deviations(self) -> dict[str, str]:  # type: ignore[override]
         out: dict[str, str] = {}
+        if importlib.util.find_spec("torch") is None:  # unavailable: nothing to declare
+            return out
         for fam in lmspec.FAMILIES:
             mod = importlib.import_module(f"lmspec.backends.torch_{fam}")
             devs = getattr(mod, "DEVIATIONS", {})
@@ -148,6 +151,8 @@ class TorchBackend:
 
     # -- protocol ----------------------------------------------------------------
     def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("torch") is None:
+            return False, "torch is not installed (pip install 'lmspec[torch]')"
         import torch
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -46,6 +46,7 @@ def run_mutant():
 
     def run(op: str, torch_fn: Callable[..., Any], dtypes: Sequence[str] = ("float64",),
             checks: Sequence[str] | None = None, max_examples: int = 100) -> list[dict[str, Any]]:
+        pytest.importorskip("torch")
         return run_checks(MutantBackend({op: torch_fn}), op, dtypes, checks, max_examples)
 
     return run

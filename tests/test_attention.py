@@ -11,6 +11,9 @@ import mpmath
 import numpy as np
 import pytest
 import scipy.special
+
+pytest.importorskip("torch")
+
 import torch
 
 import lmspec

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 
 import pytest
+
+pytest.importorskip("torch")
+
 import torch
 import torch.nn.functional as F
 from torch import nn

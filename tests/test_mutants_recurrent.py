@@ -5,6 +5,9 @@ the unmutated torch functions must pass the same checks (so no mutant fails by a
 from __future__ import annotations
 
 import pytest
+
+pytest.importorskip("torch")
+
 import torch
 
 from lmspec.backends import torch_recurrent as tr

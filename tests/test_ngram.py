@@ -32,6 +32,9 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -11,6 +11,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("torch")
+
 import torch
 
 from lmspec.conformance import html, report, terminal
