@@ -192,6 +192,8 @@ def _matrix_cell(rs: Sequence[dict[str, Any]], op: str, b: str, d: str, diff: bo
     lab = rp.worst_label(rs)
     w = worst_ratio(rs)
     text = rp.MARK[lab] if lab != "pass" else "pass"
+    if lab == "pass" and any(r["check"] == "vjp" and rp.label(r) == "unsupported" for r in rs):
+        text += "; no vjp"  # as rp.cell: a pass is never shown as unsupported
     precisions = sorted({p for p in map(rp.precision_note, rs) if p})
     if precisions:  # the working precision a verdict was judged at (CONTRACT §6)
         text += f" ({', '.join(precisions)})"

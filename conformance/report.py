@@ -263,6 +263,12 @@ MARK = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "deviation": "deviatio
 SEVERITY = ("error", "fail", "deviation", "partial", "unsupported", "skipped", "pass")
 """Worst first. ``partial`` is a pass where fewer than ``harness.MIN_CHECKED_FRACTION`` of
 the drawn examples were checked; it is never shown as a plain pass."""
+CELL_ORDER = ("error", "fail", "deviation", "partial", "pass", "unsupported", "skipped")
+"""The verdicts of a matrix cell (one op × backend × dtype), worst first: as
+:data:`SEVERITY`, except that a check that passed outranks one the backend declined, so an
+op whose checks pass and whose gradient the backend does not provide reads
+``pass; no vjp``, never ``unsupported``. Every table of verdicts uses it: the terminal's,
+the Markdown and HTML reports' and the scoreboard's."""
 
 CONVENTIONS = [
     "Numbers are rounded to 3 significant digits; non-finite numbers are written `nan`, "
@@ -333,10 +339,20 @@ def status_text(r: dict[str, Any]) -> str:
     return (MARK[lab] if lab != "pass" else "pass") + suffix
 
 
+def lesser_text(lab: str, checks: Sequence[str]) -> str:
+    """A verdict of a cell with its checks (``FAIL (vjp)``); an unsupported gradient
+    alone is ``no vjp``."""
+    checks = list(dict.fromkeys(checks))
+    if lab == "unsupported" and checks == ["vjp"]:
+        return "no vjp"
+    return f"{MARK[lab]} ({', '.join(checks)})"
+
+
 def cell(results: Sequence[dict[str, Any]]) -> str:
     """One op × backend × dtype cell: ``pass`` only when every check passed outright;
-    otherwise each verdict other than pass, worst first, with its checks (omitted when
-    every check of the cell has it)."""
+    otherwise ``pass`` first where the worst verdict (:data:`CELL_ORDER`) is a pass, then
+    each verdict other than pass, worst first, with its checks (omitted when every check
+    of the cell has it): ``pass; no vjp``, ``FAIL (vjp); deviation (forward)``."""
     if not results:
         return ""
     groups: dict[str, list[str]] = {}
@@ -346,12 +362,14 @@ def cell(results: Sequence[dict[str, Any]]) -> str:
     suffix = f" [{', '.join(notes)}]" if notes else ""
     if len(groups) == 1:
         return MARK[next(iter(groups))] + suffix
-    return "; ".join(f"{MARK[lab]} ({', '.join(dict.fromkeys(groups[lab]))})"
-                     for lab in SEVERITY if lab in groups and lab != "pass") + suffix
+    head = ["pass"] if worst_label(results) == "pass" else []
+    return "; ".join(head + [lesser_text(lab, groups[lab]) for lab in CELL_ORDER
+                             if lab in groups and lab != "pass"]) + suffix
 
 
 def worst_label(results: Sequence[dict[str, Any]]) -> str:
-    return min((label(r) for r in results), key=SEVERITY.index) if results else ""
+    """The verdict a cell is coloured and headed by (:data:`CELL_ORDER`)."""
+    return min((label(r) for r in results), key=CELL_ORDER.index) if results else ""
 
 
 def columns(results: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:

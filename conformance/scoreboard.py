@@ -1,7 +1,8 @@
 """The cross-engine scoreboard: one page (``reports/README.md``) over the committed reports.
 
 ``python -m lmspec.conformance.scoreboard [REPORT.json ...] [-o reports/README.md]`` reads
-the given reports (default: every ``reports/*.json``), keeps the complete ones (a report
+the given reports (default: the ones listed in ``reports/CITED``, never whatever else lies
+in the folder), keeps the complete ones (a report
 marked ``incomplete`` or run as one shard of a split run is left out; ``lmspec merge``
 makes a complete report of the shards) and, where several cover the same backend and
 dtype, the newest by ``created``. The page has the reports used, then the
@@ -13,7 +14,8 @@ or errored cell again under *Open findings*, and a count per backend.
 The order of verdicts in a cell, worst first, is :data:`ORDER`. It differs from
 :data:`lmspec.conformance.report.SEVERITY` in one place: a check that passed outranks one
 the backend declined, so an op whose forward passes and whose gradient the backend does
-not provide reads ``pass; unsupported (vjp)`` rather than ``unsupported``.
+not provide reads ``pass; no vjp`` rather than ``unsupported``
+(:data:`lmspec.conformance.report.CELL_ORDER`, shared by every table of verdicts).
 The page has no generation time: the same reports give the same bytes.
 """
 
@@ -35,7 +37,7 @@ from lmspec._precision import DTYPES
 from . import report as rp
 from .report import MARK, label, num, one_line, precision_note
 
-ORDER = ("error", "fail", "deviation", "partial", "pass", "unsupported", "skipped")
+ORDER = rp.CELL_ORDER
 """Verdicts of a scoreboard cell, worst first (see the module docstring)."""
 JUDGED = ("pass", "fail", "deviation")
 """Verdicts whose ``worst_ratio`` measures something (an error, unsupported or skipped
@@ -44,6 +46,16 @@ MESSAGE_CHARS = 200
 ENGINE_KEYS = ("torch", "jax", "jaxlib", "onnxruntime", "onnx")
 """Keys of a backend's ``info`` that name the engine's version."""
 DEFAULT_OUTPUT = "reports/README.md"
+CITED = "reports/CITED"
+"""The list of the reports the scoreboard cites: one path per line, relative to the list's
+folder; ``#`` starts a comment."""
+
+
+def cited(path: str | Path = CITED) -> list[str]:
+    """The report paths listed in ``path`` (as paths from the current directory)."""
+    path = Path(path)
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [str(path.parent / n) for n in names if n]
 COMMAND = "python -m lmspec.conformance.scoreboard -o reports/README.md"
 
 Entry = tuple[str, dict[str, Any]]
@@ -183,7 +195,7 @@ def cell_text(results: Sequence[dict[str, Any]], notes: Footnotes) -> str:
     precisions = sorted({p for p in map(precision_note, results) if p})
     if precisions:  # the working precision a verdict was judged at (CONTRACT §6)
         text += f" ({', '.join(precisions)})"
-    rest = [f"{MARK[lab]} ({', '.join(dict.fromkeys(groups[lab]))})"
+    rest = [rp.lesser_text(lab, groups[lab])
             for lab in ORDER if lab in groups and lab not in (head, "pass")]
     return "; ".join([text] + rest)
 
@@ -249,7 +261,8 @@ report for people. Its `report_id` is the SHA-256 of its content (without timing
 anyone can check that a file is the one cited: `lmspec verify {file}` says `intact`.
 - **Rerun** it with `lmspec replay {file}`: the same selection, settings and seed, \
 listing every check whose verdict differs on your machine.
-- **Regenerate this page** from the reports with `{command}`.
+- **Regenerate this page** from the reports with `{command}`; it reads the \
+reports listed in `CITED` (a local run's reports in this folder are not tracked).
 """
 
 LEGEND = [
@@ -261,7 +274,8 @@ LEGEND = [
     "other than pass follows after `;` with its checks.",
     "`deviation`: the difference exceeds the tolerance but the backend documents why "
     "(footnote). `partial pass`: fewer than half of the drawn examples were checked (the "
-    "backend declined the others). `unsupported`: the backend has no kernel for it. "
+    "backend declined the others). `unsupported`: the backend has no kernel for it; "
+    "`no vjp`: the backend computes the op but not its gradient. "
     "`—`: not in any report used.",
     "`[n]` refers to the footnotes under the table: a deviation's documented reason, a "
     "failure's or error's message (cut to 200 characters; the full text, counterexample "
@@ -370,11 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lmspec.conformance.scoreboard",
         description="Write the op × backend × dtype scoreboard of the complete reports.")
     ap.add_argument("reports", nargs="*",
-                    help="JSON reports (default: every reports/*.json)")
+                    help=f"JSON reports (default: the ones listed in {CITED})")
     ap.add_argument("-o", "--output", default=DEFAULT_OUTPUT,
                     help=f"the Markdown page to write (default {DEFAULT_OUTPUT})")
     args = ap.parse_args(argv)
-    paths = args.reports or sorted(str(p) for p in Path("reports").glob("*.json"))
+    try:
+        paths = args.reports or cited()
+    except OSError as exc:
+        print(f"cannot read the list of cited reports {CITED}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     entries, warnings = load_all(paths)
     for w in warnings:
         print(w, file=sys.stderr)

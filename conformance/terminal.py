@@ -153,7 +153,8 @@ def table(results: Sequence[dict[str, Any]], cols: int, colour: bool = False) ->
     g = report.grid(results)
     keys = report.columns(results)
     op_w = max(len(h) for h in [headers[0], *(r[0] for r in rows)])
-    widths = [min(MAX_CELL, max(len(headers[j + 1]), *(len(r[j + 1]) for r in rows)))
+    widths = [max(min(MAX_CELL, max(len(headers[j + 1]), *(len(r[j + 1]) for r in rows))),
+                  *(len(w) for r in rows for w in r[j + 1].split()))  # no word is split
               for j in range(len(keys))]
     chunks: list[list[int]] = [[]]
     used = op_w
@@ -167,7 +168,8 @@ def table(results: Sequence[dict[str, Any]], cols: int, colour: bool = False) ->
     def fmt(i: int, j: int) -> str:
         text = rows[i][j + 1]
         lab = report.worst_label(g.get((rows[i][0], *keys[j]), []))
-        lines = textwrap.wrap(text, widths[j]) or [""]
+        lines = textwrap.wrap(text, widths[j], break_long_words=False,
+                              break_on_hyphens=False) or [""]
         return "\n".join(paint(x, lab, colour) for x in lines)
 
     out = []

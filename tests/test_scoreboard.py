@@ -39,6 +39,26 @@ PARTIAL = _r(check="vjp", examples=3, unsupported_examples=7, partial=True, rati
 UNSUPPORTED = _r(check="vjp", status="unsupported", examples=0, ratio=0.0)
 
 
+def test_a_pass_without_gradient_reads_pass_no_vjp_in_every_table():
+    from lmspec.conformance import html, terminal
+
+    rs = [_r(), _r(check="rows_sum_to_one"), UNSUPPORTED]
+    assert report.worst_label(rs) == "pass" and report.cell(rs) == "pass; no vjp"
+    assert report.cell([_r(status="fail"), UNSUPPORTED]) == "FAIL (forward); no vjp"
+    assert "pass; no vjp" in terminal.table(rs, 100)
+    assert "pass; no vjp" in report.markdown(_rep(rs))
+    assert "pass; no vjp" in html.render(_rep(rs))
+    assert cell_text(rs, Footnotes()) == "pass 0.25; no vjp"
+
+
+def test_terminal_table_wraps_between_words_only():
+    from lmspec.conformance import terminal
+
+    rs = [_r(status="fail", check=c) for c in ("forward", "a_property_name_longer_than_a_cell")]
+    text = terminal.table(rs + [UNSUPPORTED], 60)
+    assert "a_property_name_longer_than_a_cell" in text
+
+
 def _row(md: str, op: str) -> list[str]:
     line = next(x for x in md.splitlines() if x.startswith(f"| `{op}`"))
     return [c.strip() for c in line.strip("|").split(" | ")]
@@ -61,7 +81,7 @@ def test_worst_verdict_by_severity(results, expected):
 def test_cell_text_status_ratio_and_lesser_verdicts():
     notes = Footnotes()
     assert cell_text([_r(ratio=0.123456), _r(check="vjp", ratio=0.01)], notes) == "pass 0.123"
-    assert cell_text([_r(), UNSUPPORTED], notes) == "pass 0.25; unsupported (vjp)"
+    assert cell_text([_r(), UNSUPPORTED], notes) == "pass 0.25; no vjp"
     assert cell_text([UNSUPPORTED], notes) == "unsupported"
     assert cell_text([_r(), PARTIAL], notes) == "partial pass (vjp) 0.5"
     assert cell_text([], notes) == "—"
@@ -148,7 +168,11 @@ def test_command_writes_the_page(tmp_path: Path, monkeypatch, capsys):
     for name, rep in [("a.json", _rep([_r()])), ("b.json", _rep([DEV], incomplete=True))]:
         (d / name).write_text(json.dumps(rep))
     (d / "junk.json").write_text("{}")
+    (d / "stray.json").write_text(json.dumps(_rep([FAIL])))  # a local run: not cited
     monkeypatch.chdir(tmp_path)
+    assert scoreboard.main([]) == 2  # no list of cited reports
+    (d / "CITED").write_text("# the reports the scoreboard cites\na.json\nb.json  # stopped\n"
+                             "junk.json\n")
     assert scoreboard.main([]) == 0
     page = (d / "README.md").read_text()
     assert page == scoreboard_markdown([("reports/a.json", report.load(d / "a.json")),
@@ -157,6 +181,7 @@ def test_command_writes_the_page(tmp_path: Path, monkeypatch, capsys):
     assert "python -m lmspec.conformance.scoreboard -o reports/README.md" in page
     err = capsys.readouterr().err
     assert "skipped reports/junk.json" in err and "not used reports/b.json" in err
+    assert "stray" not in page + err
     assert scoreboard.main([str(d / "a.json"), "-o", str(tmp_path / "x.md")]) == 0
     assert (tmp_path / "x.md").exists()
     assert scoreboard.main([str(d / "b.json"), "-o", str(tmp_path / "y.md")]) == 1
