@@ -136,42 +136,84 @@ cases("dot_product_attention", k=lambda c: c.args[0].shape[1] + c.args[1].shape[
 # -- scaled dot-product attention ------------------------------------------------------
 
 SDPA_MASK_SHAPES = ("none", "[S]", "[L,S]", "[B,1,1,S]", "[B,h,L,S]")
-SCORE_FAMILIES = ("drawn", "drawn", "drawn", "all negative", "tied")
+SCORE_FAMILIES = ("drawn", "drawn", "drawn", "all negative", "tied", "peaked")
+PEAKED_LENGTHS = (3, *d.LONG_LENGTHS)
+"""Key counts of the ``"peaked"`` family: its small weights matter in numbers, so it
+reaches past the tiles more often than the other families."""
+PEAKED_WEIGHT = 0.7
+"""The small weights of a ``"peaked"`` row relative to the dominant one, in units of the
+dtype's unit roundoff."""
 
 
-def score_family(draw, dtype: str, q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray,
-                                                                          np.ndarray]:
-    """``(q, k)`` as drawn, or reshaped into a family that breaks attention kernels:
-    ``"all negative"`` (``q ≥ 1``, ``k ≤ −1`` elementwise, so that with a positive scale
-    every score is negative and, with ``q`` in the extreme regime, far below ``−100``: a
-    running maximum started at 0 instead of ``−∞`` underflows every ``exp`` to 0/0) or
-    ``"tied"`` (every key equal to the first of its head, so that every score of a query
-    ties and the weights are uniform whatever the scale)."""
-    family = draw(st.sampled_from(SCORE_FAMILIES), label="score family")
+def score_family(draw) -> str:
+    """Which scores to draw (:func:`shape_scores`); ``"drawn"`` three times in six."""
+    return draw(st.sampled_from(SCORE_FAMILIES), label="score family")
+
+
+def key_count(draw, family: str, hi: int) -> int:
+    """``S``: 1…``hi`` (sometimes past a tile), or for peaked rows mostly past one."""
+    if family == "peaked":
+        return draw(st.sampled_from(PEAKED_LENGTHS), label="S (peaked)")
+    return d.length(draw, 1, hi, label="S")
+
+
+def shape_scores(draw, dtype: str, family: str, q: np.ndarray, k: np.ndarray,
+                 scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, k)`` as drawn (``q[B,h,L,E]``, ``k[B,g,S,E]``), or reshaped into a family that
+    breaks attention kernels:
+
+    - ``"all negative"``: ``q ≥ 1``, ``k ≤ −1`` elementwise, so that with a positive scale
+      every score is negative and, with ``q`` in the extreme regime, far below ``−100``: a
+      running maximum started at 0 instead of ``−∞`` underflows every ``exp`` to 0/0;
+    - ``"tied"``: every key equal to the first of its head: every score of a query ties;
+    - ``"peaked"``: every query of a key/value group equal to one vector ``w`` and keys
+      ``k_0`` and ``k_j = k_0 − Δ·w/(scale·|w|²)``, so that ``s_0 − s_j = Δ`` with
+      ``e^(−Δ) =`` :data:`PEAKED_WEIGHT` ``·u``: one dominant weight and ``S − 1`` small
+      ones, each below half the dtype's spacing at 1, which a sum accumulated in the
+      dtype drops one by one (swamping: a relative error of about ``0.7·(S − 1)·u``)
+      while together they move the result. Needs ``scale > 0`` (else as drawn); the
+      strategies draw peaked rows without masks, windows, ALiBi or softcap.
+    """
     if family == "all negative":
         qf, kf = q.astype(np.float64), k.astype(np.float64)
         return d.as_dtype(np.abs(qf) + 1, dtype), d.as_dtype(-np.abs(kf) - 1, dtype)
     if family == "tied":
         return q, np.broadcast_to(k[..., :1, :], k.shape).copy()
-    return q, k
+    s = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if family != "peaked" or s <= 0 or k.shape[2] < 2:
+        return q, k
+    b, h, n_q, e = q.shape
+    g = k.shape[1]
+    w = q.astype(np.float64).reshape(b, g, h // g * n_q, e)[:, :, :1, :]  # [B, g, 1, E]
+    norm2 = np.sum(w * w, axis=-1, keepdims=True)
+    if np.any(norm2 == 0):
+        return q, k
+    delta = -math.log(PEAKED_WEIGHT * UNIT_ROUNDOFF[dtype])
+    kf = np.broadcast_to(k[:, :, :1, :].astype(np.float64), k.shape).copy()
+    kf[:, :, 1:, :] -= delta * w / (s * norm2)
+    qf = np.broadcast_to(w, (b, g, h // g * n_q, e)).reshape(q.shape)
+    return d.as_dtype(qf, dtype), d.as_dtype(kf, dtype)
 
 
 @st.composite
 def _sdpa(draw, dtype: str, causal: bool | None = None, mask_kinds=SDPA_MASK_SHAPES) -> Call:
     b, h = d.dim(draw, 1, 2, label="B"), d.dim(draw, 1, 3, label="h")
-    n_q, n_k = d.dim(draw, 1, 4, label="L"), d.length(draw, 1, 5, label="S")
+    family = score_family(draw)
+    n_q, n_k = d.dim(draw, 1, 4, label="L"), key_count(draw, family, 5)
     e = draw(st.sampled_from([1, 2, 3, 5]), label="E")
     ev = d.dim(draw, 1, 3, label="Ev")
-    q, k = score_family(draw, dtype, _values(draw, dtype, (b, h, n_q, e), label="q",
-                                             extreme=True),
-                        _values(draw, dtype, (b, h, n_k, e), label="k"))
-    v = _values(draw, dtype, (b, h, n_k, ev), label="v")
-    kind = draw(st.sampled_from(list(mask_kinds)), label="mask shape")
-    shape = {"none": None, "[S]": (n_k,), "[L,S]": (n_q, n_k), "[B,1,1,S]": (b, 1, 1, n_k),
-             "[B,h,L,S]": (b, h, n_q, n_k)}[kind]
-    mask = None if shape is None else _mask(draw, shape, label="mask")
-    is_causal = draw(st.booleans(), label="is_causal") if causal is None else causal
     scale = draw(st.sampled_from([None, None, 0.125, 1.0, 1.7, -0.5]), label="scale")
+    q, k = shape_scores(draw, dtype, family,
+                        _values(draw, dtype, (b, h, n_q, e), label="q", extreme=True),
+                        _values(draw, dtype, (b, h, n_k, e), label="k"), scale)
+    v = _values(draw, dtype, (b, h, n_k, ev), label="v")
+    mask, is_causal = None, bool(causal)
+    if family != "peaked":  # peaked rows are left whole: every key visible unless causal
+        kind = draw(st.sampled_from(list(mask_kinds)), label="mask shape")
+        shape = {"none": None, "[S]": (n_k,), "[L,S]": (n_q, n_k),
+                 "[B,1,1,S]": (b, 1, 1, n_k), "[B,h,L,S]": (b, h, n_q, n_k)}[kind]
+        mask = None if shape is None else _mask(draw, shape, label="mask")
+        is_causal = draw(st.booleans(), label="is_causal") if causal is None else causal
     return Call((q, k, v, mask), {"is_causal": is_causal, "scale": scale})
 
 

@@ -30,7 +30,16 @@ from hypothesis import strategies as st
 
 from . import draw as d
 from . import large_shapes as big
-from .cases_attention import _abs, _cot, _grad_factor, _mask, _values, score_family
+from .cases_attention import (
+    _abs,
+    _cot,
+    _grad_factor,
+    _mask,
+    _values,
+    key_count,
+    score_family,
+    shape_scores,
+)
 from .declare import Call, Close, Holds, cases, prop
 
 # -- rms_norm ----------------------------------------------------------------------------
@@ -316,22 +325,27 @@ def _gqa(draw, dtype: str, *, plain: bool = False, causal: bool | None = None) -
     """``plain``: no offset, window, ALiBi or softcap (what SDPA expresses)."""
     b, h, g = draw(_gqa_shape())
     decode = not plain and draw(st.booleans(), label="decode")
-    n_k = d.length(draw, 1, 6, label="S")
+    family = score_family(draw)
+    n_k = key_count(draw, family, 6)
     n_q = 1 if decode else d.dim(draw, 1, 4, label="L")
     e = draw(st.sampled_from([1, 2, 3, 5]), label="E")
     ev = d.dim(draw, 1, 3, label="Ev")
-    q, k = score_family(draw, dtype, _values(draw, dtype, (b, h, n_q, e), label="q",
-                                             extreme=True),
-                        _values(draw, dtype, (b, g, n_k, e), label="k"))
+    scale = draw(st.sampled_from([None, None, 0.125, 1.0, -0.5, 0.0]), label="scale")
+    q, k = shape_scores(draw, dtype, family,
+                        _values(draw, dtype, (b, h, n_q, e), label="q", extreme=True),
+                        _values(draw, dtype, (b, g, n_k, e), label="k"), scale)
     v = _values(draw, dtype, (b, g, n_k, ev), label="v")
+    kw: dict = {"is_causal": bool(causal), "scale": scale}
+    if family == "peaked":  # every key visible (to the last query, when causal)
+        kw.update({} if plain else {"q_offset": n_k - n_q, "window": None,
+                                    "alibi_slopes": None, "softcap": None})
+        return Call((q, k, v, None), kw)
     kind = draw(st.sampled_from(["none", "none", "[S]", "[L,S]", "[B,1,1,S]", "[B,h,L,S]"]),
                 label="mask shape")
     shape = {"none": None, "[S]": (n_k,), "[L,S]": (n_q, n_k), "[B,1,1,S]": (b, 1, 1, n_k),
              "[B,h,L,S]": (b, h, n_q, n_k)}[kind]
     mask = None if shape is None else _mask(draw, shape, label="mask")
-    is_causal = draw(st.booleans(), label="is_causal") if causal is None else causal
-    kw = {"is_causal": is_causal,
-          "scale": draw(st.sampled_from([None, None, 0.125, 1.0, -0.5, 0.0]), label="scale")}
+    kw["is_causal"] = draw(st.booleans(), label="is_causal") if causal is None else causal
     if not plain:
         offset = draw(st.sampled_from(["0", "S - L", "S - L", "negative", "beyond S",
                                        "drawn"]), label="q_offset kind")

@@ -295,7 +295,7 @@ def _min_p_edge(draw, dtype: str, b: int) -> tuple[np.ndarray, dict]:
     *renormalised* probability (CONTRACT §6, 2026-11-29): taking the largest before the
     renormalisation keeps token 1 for every ratio ``r ≥ Z``. Token ids are permuted; the
     logits are scaled by the temperature so that ``logits/T`` keeps the ratios."""
-    vocab = d.dim(draw, 4, 7, label="V (min-p edge)")
+    vocab = max(4, d.dim(draw, 4, 7, label="V (min-p edge)"))
     min_p = draw(st.sampled_from([0.3, 0.5, 0.8]), label="min_p (edge)")
     temp = draw(st.sampled_from([0.7, 1.0, 3.0]), label="temperature (edge)")
     rows = []
