@@ -2,15 +2,17 @@
 
 torch has no paged-attention kernel for the CPU. Its paged path,
 ``torch.nn.attention.experimental._paged_attention.PagedAttention``, rewrites a
-``flex_attention`` block mask and ``score_mod`` from logical to physical pages; on the CPU
-``flex_attention`` has no backward in torch 2.13 ("FlexAttention does not support backward
-on CPU"), runs eagerly as an unfused implementation that materialises the score matrix
-(17 ms per call here, against 1.6 ms for the SDPA kernels), and under ``torch.compile`` costs
-~15 s of compilation per new shape and ``score_mod`` (measured: 15.3 s for one [1,4,5,8]
-call), which a conformance run of hundreds of shapes cannot pay. So each sequence's pages
-are gathered as torch users do on the CPU (``index_select`` of its ``block_table`` entries
-up to ``⌈kv_lens/page⌉``, reshaped and cut to ``kv_lens``; autograd scatters the gradient
-back, adding where pages are shared), and the attention is one of torch's kernels per
+``flex_attention`` block mask and ``score_mod`` from logical to physical pages. On the CPU in
+torch 2.13 ``flex_attention`` has no backward ("FlexAttention does not support backward on
+CPU"); under ``torch.compile`` it costs ~15 s of compilation per new shape and ``score_mod``
+(measured: 15.3 s for one [1,4,5,8] call); and even called eagerly it traces ``score_mod``
+and ``mask_mod`` with dynamo, recompiling for every new combination of options and shapes
+(0.1–1.5 s each; 161 s of 189 s of a 16-check run went to dynamo, measured with cProfile),
+with 16 ms per call once warm against 1.6 ms for SDPA. A conformance run of hundreds of
+shapes cannot pay that, so flex_attention is not used. Instead each sequence's pages are
+gathered as torch users do on the CPU (``index_select`` of its ``block_table`` entries up to
+``⌈kv_lens/page⌉``, reshaped and cut to ``kv_lens``; autograd scatters the gradient back,
+adding where pages are shared), and the attention is one of torch's SDPA kernels per
 sequence (a varlen batch is a loop):
 
 - ``F.scaled_dot_product_attention(enable_gqa=True)`` with an additive float mask: ``−inf``
@@ -19,21 +21,17 @@ sequence (a varlen batch is a loop):
   ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (what torch's own
   context-parallel attention calls to merge partial results by their LSE), with the same
   mask, the key/value heads repeated to ``h`` and the values zero-padded to ``E`` (it wants
-  one head size); it dies with SIGFPE on an empty key set, so a sequence with queries and
-  no key is unsupported there;
-- with ``softcap`` (no SDPA form), eager ``flex_attention`` with the cap and the ALiBi bias
-  in ``score_mod``, the visibility in a ``create_block_mask`` mask and
-  ``AuxRequest(lse=True)``; torch refuses its gradient on the CPU, and it refuses a sequence
-  with queries but no key (IndexError): both unsupported.
+  one head size). It dies with SIGFPE on an empty key set, so a sequence with queries and no
+  key is unsupported there; its LSE output does not require grad, so the vjp with
+  ``return_lse`` is unsupported.
 
-``sinks`` are unsupported: no torch attention kernel has them in torch 2.13.
-``merge_attention_states`` is not implemented: torch has no kernel for it.
+``softcap`` (only flex_attention has it) and ``sinks`` (no torch kernel has them) are
+unsupported. ``merge_attention_states`` is not implemented: torch has no kernel for it.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -49,11 +47,10 @@ NOTES = {
     "block_table entries (cut to kv_lens); then F.scaled_dot_product_attention(enable_gqa="
     "True) with an additive float mask (−inf: not visible; −slope·|pos − j|: ALiBi); with "
     "return_lse, aten._scaled_dot_product_flash_attention_for_cpu (same mask, key/value heads "
-    "repeated, values zero-padded to E; an empty key set crashes it with SIGFPE: unsupported); "
-    "with softcap, eager flex_attention (score_mod: cap and ALiBi; create_block_mask: "
-    "bottom-right causal and window; AuxRequest(lse=True)), whose backward torch 2.13 refuses "
-    "on the CPU, and which refuses a sequence with queries but no key: both unsupported. "
-    "sinks unsupported (no torch kernel has them).",
+    "repeated, values zero-padded to E; an empty key set crashes it with SIGFPE, and its LSE "
+    "has no gradient: both unsupported). softcap (only flex_attention has it, and on the CPU "
+    "it has no backward and recompiles with dynamo per configuration) and sinks (no torch "
+    "kernel) unsupported.",
 }
 
 
@@ -126,47 +123,15 @@ def _sdpa(q, k, v, allow, rel, scale, slopes, lse: bool):
     return out[..., :ev], lse_
 
 
-def _flex(q, k, v, n_q, n_k, causal, window, scale, slopes, softcap):
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
-
-    if n_k == 0:
-        raise NotImplementedError("flex_attention refuses a sequence with queries and no key "
-                                  "(IndexError: max() over an empty key axis)")
-    off = n_k - n_q
-
-    def score_mod(score, b, h, qi, kv):
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
-        if slopes is not None:
-            score = score - slopes[h] * (off + qi - kv).abs().to(score.dtype)
-        return score
-
-    def mask_mod(b, h, qi, kv):
-        rel = kv - (off + qi)
-        ok = rel == rel
-        if causal:
-            ok = ok & (rel <= 0)
-        if window is not None:
-            if window[0] is not None:
-                ok = ok & (rel >= -window[0])
-            if window[1] is not None:
-                ok = ok & (rel <= window[1])
-        return ok
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "called without torch.compile()": eager on purpose
-        mask = create_block_mask(mask_mod, 1, None, n_q, n_k, device=str(q.device))
-        out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
-                                  enable_gqa=True, return_aux=AuxRequest(lse=True))
-    return out, aux.lse
-
-
 def paged_attention(q, k_cache, v_cache, block_table, kv_lens, q_indptr, scale=None,
                     is_causal=True, window=None, alibi_slopes=None, softcap=None, sinks=None,
                     return_lse=False):
     if sinks is not None:
         raise NotImplementedError("torch 2.13 has no attention kernel with sinks")
-    flex = softcap is not None
+    if softcap is not None:
+        raise NotImplementedError("softcap: torch's only kernel with a score_mod, flex_attention, "
+                                  "has no CPU backward and traces score_mod with dynamo at every "
+                                  "new configuration even in eager mode (0.1-1.5 s a call)")
     if return_lse and torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, k_cache, v_cache)):
         # the kernels' LSE outputs do not require grad: autograd would drop its cotangent
@@ -184,11 +149,8 @@ def paged_attention(q, k_cache, v_cache, block_table, kv_lens, q_indptr, scale=N
         kb, vb = _gather(k_cache, block_table[b], n_k), _gather(v_cache, block_table[b], n_k)
         slopes = None if alibi_slopes is None else (
             alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b])
-        if flex:
-            o, lse = _flex(qb, kb, vb, n_q, n_k, is_causal, window, scale, slopes, softcap)
-        else:
-            allow, rel = _visible(n_q, n_k, is_causal, n_k - n_q, window, q.device)
-            o, lse = _sdpa(qb, kb, vb, allow, rel, scale, slopes, bool(return_lse))
+        allow, rel = _visible(n_q, n_k, is_causal, n_k - n_q, window, q.device)
+        o, lse = _sdpa(qb, kb, vb, allow, rel, scale, slopes, bool(return_lse))
         outs.append(o[0].permute(1, 0, 2))
         lses.append(None if lse is None else lse[0].permute(1, 0))
     ev = v_cache.shape[-1]
