@@ -171,8 +171,9 @@ def shape_scores(draw, dtype: str, family: str, q: np.ndarray, k: np.ndarray,
       ``e^(−Δ) =`` :data:`PEAKED_WEIGHT` ``·u``: one dominant weight and ``S − 1`` small
       ones, each below half the dtype's spacing at 1, which a sum accumulated in the
       dtype drops one by one (swamping: a relative error of about ``0.7·(S − 1)·u``)
-      while together they move the result. Needs ``scale > 0`` (else as drawn); the
-      strategies draw peaked rows without masks, windows, ALiBi or softcap.
+      while together they move the result. Needs ``scale > 0`` and ``scale·|w| ≥ Δ/100``
+      (else as drawn); the strategies draw peaked rows without masks, windows, ALiBi or
+      softcap.
     """
     if family == "all negative":
         qf, kf = q.astype(np.float64), k.astype(np.float64)
@@ -186,9 +187,9 @@ def shape_scores(draw, dtype: str, family: str, q: np.ndarray, k: np.ndarray,
     g = k.shape[1]
     w = q.astype(np.float64).reshape(b, g, h // g * n_q, e)[:, :, :1, :]  # [B, g, 1, E]
     norm2 = np.sum(w * w, axis=-1, keepdims=True)
-    if np.any(norm2 == 0):
-        return q, k
     delta = -math.log(PEAKED_WEIGHT * UNIT_ROUNDOFF[dtype])
+    if np.any(s * np.sqrt(norm2) * 100 < delta):  # the keys would move by over 100
+        return q, k
     kf = np.broadcast_to(k[:, :, :1, :].astype(np.float64), k.shape).copy()
     kf[:, :, 1:, :] -= delta * w / (s * norm2)
     qf = np.broadcast_to(w, (b, g, h // g * n_q, e)).reshape(q.shape)
