@@ -371,3 +371,42 @@ def test_literal_numpy_raises_no_alarm(op, dtype):
     bad = [(x["check"], x["status"], x["message"][:400]) for x in results
            if x["status"] != "pass"]
     assert not bad, bad
+
+
+# -- the built-in backends through the harness -----------------------------------------------
+
+def _builtin(name: str):
+    if name == "torch-cpu":
+        from lmspec.backends.torch_backend import TorchBackend
+
+        return TorchBackend("torch-cpu", "cpu", NumpyLiteralServing.dtypes)
+    from lmspec.backends.onnxruntime_backend import OrtBackend
+
+    return OrtBackend("onnxruntime-cpu", "cpu", NumpyLiteralServing.dtypes)
+
+
+@pytest.mark.parametrize("name", ["torch-cpu", "onnxruntime-cpu"])
+def test_builtin_backends_conform(name):
+    """Every check in all four dtypes, 10 examples each: pass, deviation or unsupported."""
+    backend = _builtin(name)
+    results = [x for op in SERVING for x in run_checks(
+        backend, op, NumpyLiteralServing.dtypes, checks_of(op), max_examples=10)]
+    bad = [(x["op"], x["check"], x["dtype"], x["status"], x["message"][:300]) for x in results
+           if x["status"] not in ("pass", "deviation", "unsupported")]
+    assert not bad, bad
+
+
+def test_torch_flash_lse_of_a_query_without_keys_is_the_declared_deviation():
+    """The CPU flash kernel gives LSE 0 where the spec gives −inf; the deviation covers
+    exactly such calls."""
+    from lmspec.backends.torch_serving import DEVIATIONS
+
+    q, kc, vc = r(3, 2, 2), r(1, 2, 1, 2), r(1, 2, 1, 2)
+    args = (q, kc, vc, np.array([[0]]), np.array([1]), np.array([0, 3]))
+    kw = {"is_causal": False, "window": (0, 0), "return_lse": True}
+    got = _builtin("torch-cpu").paged_attention(*args, **kw)[1]
+    want = lmspec.paged_attention(*args, **kw)[1]
+    assert np.all(want[:2] == -np.inf) and np.all(got[:2] == 0)
+    np.testing.assert_allclose(got[2], want[2], atol=1e-12)
+    dev = DEVIATIONS["paged_attention/forward"]
+    assert dev.applies(args, kw) and not dev.applies(args, {**kw, "window": None})
