@@ -227,7 +227,7 @@ def _paged_large(draw, dtype: str) -> Call:
     vc = d.floats(draw, dtype, (n_pages, page, g, e), label="v_cache")
     read = read_slots(bt, lens, page, n_pages)
     window = draw(st.sampled_from([None, (page - 1, 0)]), label="window")
-    return Call((_nan_unread(q, np.ones(q.shape[0], bool)), _nan_unread(kc, read),
+    return Call((q, _nan_unread(kc, read),
                  _nan_unread(vc, read), bt, lens, ind, None, True, window, None,
                  draw(st.sampled_from([None, 30.0]), label="softcap"), None),
                 {"return_lse": draw(st.booleans(), label="return_lse")})
