@@ -81,7 +81,7 @@ def _lse_of_query_without_keys(args, kwargs) -> bool:
     return False
 
 
-DEVIATIONS = {
+_CPU_DEVIATIONS = {
     "paged_attention/forward": Deviation(
         "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu (torch 2.13, the CPU flash "
         "kernel behind SDPA) returns logsumexp 0, not −inf, for a query whose mask row is all "
@@ -90,6 +90,11 @@ DEVIATIONS = {
         "−inf). Merged as a cascade part, such an LSE gives a zero output the weight of a real "
         "one.", applies=_lse_of_query_without_keys),
 }
+
+
+def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's hook
+    """Known differences of torch's kernels from the spec on ``device`` (measured)."""
+    return dict(_CPU_DEVIATIONS) if device == "cpu" else {}
 
 
 def _gather(cache: torch.Tensor, row: torch.Tensor, n_k: int) -> torch.Tensor:
@@ -102,13 +107,16 @@ def _gather(cache: torch.Tensor, row: torch.Tensor, n_k: int) -> torch.Tensor:
 
 def _sdpa(q, k, v, allow, rel, scale, slopes, lse: bool):
     h, e, ev = q.shape[1], q.shape[-1], v.shape[-1]
-    bias = torch.zeros((), dtype=q.dtype)
+    bias = torch.zeros((), dtype=q.dtype, device=q.device)
     if slopes is not None:
         bias = -slopes.reshape(1, h, 1, 1) * rel.abs().to(q.dtype)
-    attn = torch.where(allow, bias, torch.full((), -math.inf, dtype=q.dtype))
+    attn = torch.where(allow, bias, torch.full((), -math.inf, dtype=q.dtype, device=q.device))
     if not lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale,
                                               enable_gqa=True), None
+    if q.device.type != "cpu":
+        raise NotImplementedError("the LSE is taken from the CPU flash kernel; no LSE path is "
+                                  "wired for other devices")
     if k.shape[2] == 0:
         raise NotImplementedError("aten._scaled_dot_product_flash_attention_for_cpu dies with "
                                   "SIGFPE on an empty key set (torch 2.13)")
