@@ -25,7 +25,8 @@ WATCHED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 _WAKE = signal.SIGURG  # default: ignored; wakes the main thread out of a system call
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"signum": None, "installed": False, "on_stop": None}
+_state: dict[str, object] = {"signum": None, "installed": False, "on_stop": None,
+                             "effective": True}
 ignored: list[tuple[int, int]] = []
 """``(signal, sender pid)`` of every signal a descendant sent the judge."""
 _hosts: set[int] = set()
@@ -111,8 +112,14 @@ def stopping() -> int | None:
 
 
 def _handler(signum: int, frame: object) -> None:
-    if _state["signum"] is not None:  # only the watcher trips this on purpose
+    if _state["signum"] is not None:  # the watcher tripped this on purpose
         raise Interrupted(int(_state["signum"]))  # type: ignore[arg-type]
+    if not _state["effective"]:  # a thread that cannot say who sent it took the signal
+        _state["signum"] = signum
+        on_stop = _state["on_stop"]
+        if callable(on_stop):
+            on_stop(signum)
+        raise Interrupted(signum)
 
 
 def _watch() -> None:
@@ -169,6 +176,7 @@ def install() -> None:
     if _state["installed"] or threading.current_thread() is not threading.main_thread():
         return
     harden()
+    _state["effective"] = _other_threads_block()
     for s in WATCHED:
         signal.signal(s, _handler)
     signal.signal(_WAKE, lambda s, f: None)
