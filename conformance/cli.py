@@ -314,14 +314,15 @@ def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, 
 def cmd_verify(args: argparse.Namespace) -> int:
     from lmspec.conformance import citation, provenance, report
 
-    ok, lines = citation.summary_lines(args.reports)
-    for i, path in enumerate(args.reports):
+    ok, lines = True, []
+    for path in args.reports:  # the id, then what a rehashed report cannot hide
         try:
             problems = provenance.consistency(report.load(path))
         except (OSError, ValueError):
-            continue
-        if problems:
-            ok, lines[i] = False, f"{path}: inconsistent — " + "; ".join(problems)
+            problems = []
+        good, line = (False, f"{path}: inconsistent — " + "; ".join(problems)) if problems \
+            else citation.verify(path)
+        ok, lines = ok and good, [*lines, line]
     print("\n".join(lines))
     return EXIT_OK if ok else EXIT_FAIL
 
