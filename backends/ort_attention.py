@@ -90,7 +90,20 @@ def DEVIATIONS(provider: str) -> dict[str, Any]:  # noqa: N802 - the backend's D
         return {}
     return {f"{op}/forward/float64": lmspec.Deviation(_F64_ATTENTION, _attention_f64(op))
             for op in ("scaled_dot_product_attention", "multi_head_attention",
-                       "transformer_encoder_layer", "transformer_decoder_layer")}
+                       "transformer_encoder_layer", "transformer_decoder_layer")} | {
+        f"{op}/forward/float16": lmspec.Deviation(_F16_ATTENTION.format(ratio=ratio),
+                                                  bound="float16")
+        for op, ratio in (("scaled_dot_product_attention", 53.4),
+                          ("dot_product_attention", 1.62))}
+
+
+_F16_ATTENTION = (
+    "ONNX Runtime 1.32's CPU Attention kernel for float16 (opset 23) rounds intermediates "
+    "to float16 (its GEMMs take and write float16 buffers, so the scores and the weights "
+    "between them are float16). Measured (30 examples): worst error/tolerance {ratio} against the "
+    "float32-intermediate model, while the same graph on the inputs widened to float32, its "
+    "output rounded to float16, conforms (worst ratio 0.33). Judged at float16 working "
+    "precision.")
 
 
 def _mask4(mask: np.ndarray, L: int, S: int) -> np.ndarray:

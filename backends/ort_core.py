@@ -53,12 +53,39 @@ _LSE_WHY = (
     "[-inf, -700] gives -inf. Slices without an infinity conform.")
 
 
+def one_element_infinity(args, kwargs) -> bool:
+    """The reduced axis has one element and some element of ``x`` is ±inf."""
+    x = np.asarray(args[0] if args else kwargs["x"])
+    axis = kwargs.get("axis", args[1] if len(args) > 1 else -1)
+    return bool(x.ndim and x.shape[axis] == 1
+                and np.isinf(x.astype(np.float64)).any())
+
+
+ONE_ELEMENT = (
+    "{engine} over a one-element axis computes exp(x − max) = exp(±inf ∓ inf) = NaN for an "
+    "infinite element, where the spec (CONTRACT §6, 2026-12-06) gives softmax 1, "
+    "log_softmax 0 and logsumexp the value with gradient 1: measured softmax([−inf]) and "
+    "softmax([+inf]) NaN, log_softmax likewise, their gradients NaN, logsumexp([−inf]) = −inf "
+    "(correct) with gradient NaN. Covered: examples whose reduced axis has one element and "
+    "holds an infinity.")
+
+
+def one_element_deviations(engine: str, vjp: bool = True) -> dict:
+    why = ONE_ELEMENT.format(engine=engine)
+    out = {op: lmspec.Deviation(why, applies=one_element_infinity)
+           for op in ("softmax", "log_softmax")}
+    if vjp:
+        out["logsumexp/vjp"] = lmspec.Deviation(why, applies=one_element_infinity)
+    return out
+
+
 def DEVIATIONS(provider: str) -> dict[str, Any]:  # noqa: N802 - the backend's DEVIATIONS hook
     """Known differences of ONNX Runtime's kernels from the spec (measured)."""
     if provider != "CPUExecutionProvider":
         return {}
     return {f"logsumexp/forward/{dt}": lmspec.Deviation(_LSE_WHY, _inf_beside_negatives)
-            for dt in ("float32", "float64")}
+            for dt in ("float32", "float64")} | one_element_deviations(
+                "ONNX Runtime 1.32's CPU Softmax / LogSoftmax", vjp=False)
 
 
 def softmax(rt: Runtime, x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.torch_attention import call_arguments
+from lmspec.backends.torch_attention import call_arguments, half_intermediates
 
 
 def softmax(x, axis=-1):
@@ -70,13 +70,68 @@ SMOOTHING_OVERFLOW = (
     "Σ_rows Σ_c −log p[c] in float16, which overflows to inf although the mean and the loss "
     "fit: logits [9320, −36 × 7], target 0, ε = 0.1 give inf where the spec gives 818.65 "
     "(sum 65492), three rows [6000, −30 × 7] give inf (sum 126630; 528 when two of them are "
-    "ignored), [8200, −36 × 7] (sum 57652) conforms. Covered: examples whose smoothing sum "
-    "over the kept rows reaches 6.0e4; the unsmoothed loss conforms.")
+    "ignored), [8200, −36 × 7] (sum 57652) conforms: the sum over the kept rows overflows "
+    "from about 6.0e4 (smoothing_overflows); the unsmoothed loss conforms.")
+
+
+def one_element_infinity(args, kwargs) -> bool:
+    """The reduced axis has one element and some element of ``x`` is ±inf."""
+    x = np.asarray(args[0] if args else kwargs["x"])
+    axis = kwargs.get("axis", args[1] if len(args) > 1 else -1)
+    return bool(x.ndim and x.shape[axis] == 1
+                and np.isinf(x.astype(np.float64)).any())
+
+
+ONE_ELEMENT = (
+    "{engine} over a one-element axis computes exp(x − max) = exp(±inf ∓ inf) = NaN for an "
+    "infinite element, where the spec (CONTRACT §6, 2026-12-06) gives softmax 1, "
+    "log_softmax 0 and logsumexp the value with gradient 1: measured softmax([−inf]) and "
+    "softmax([+inf]) NaN, log_softmax likewise, their gradients NaN, logsumexp([−inf]) = −inf "
+    "(correct) with gradient NaN. Covered: examples whose reduced axis has one element and "
+    "holds an infinity.")
+
+
+def one_element_deviations(engine: str, vjp: bool = True) -> dict:
+    why = ONE_ELEMENT.format(engine=engine)
+    out = {op: Deviation(why, applies=one_element_infinity)
+           for op in ("softmax", "log_softmax")}
+    if vjp:
+        out["logsumexp/vjp"] = Deviation(why, applies=one_element_infinity)
+    return out
 
 
 def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's DEVIATIONS hook
     """Known differences of torch's own kernels from the spec, per device (measured)."""
+    devs = one_element_deviations("torch.softmax / torch.log_softmax / torch.logsumexp") | {
+        key.format(op=op): dev
+        for op, ratios in (("softmax", {"float16": 1.6, "bfloat16": 5.85}),
+                           ("logsumexp", {"bfloat16": 1.98}))
+        for key, dev in half_intermediates(
+            "{{op}}/vjp/{dtype}", "The backward of torch.softmax / torch.logsumexp is "
+            "computed from the forward's output, a tensor of the input dtype: the "
+            "probabilities it uses are rounded to it (measured: float16 softmax over [3, 0] "
+            "with cotangent [1, 0] gives 0.0451050 where the spec gives 0.0451767, = y(1 − y) "
+            "of the float16-rounded y = 0.952637). A one-element axis holding ±inf (NaN, "
+            "declared for the op) is not covered in this dtype's vjp.", ratios).items()
+    } | half_intermediates(
+        "logsumexp/forward/{dtype}",
+        "torch.logsumexp's CPU kernel for half tensors sums exp(x − max) in the input dtype: "
+        "measured float16 0 where the spec gives −0.000212 (the sum 1 + 1e-4 rounds to 1).",
+        {"float16": 477, "bfloat16": 259}) | half_intermediates(
+        "cross_entropy/*/{dtype}",
+        "F.cross_entropy is nll_loss(log_softmax(z)) on the CPU: the log-probabilities are a "
+        "tensor of the input dtype (rounded to it) before the pick and the mean, and the "
+        "backward works from them.", {"float16": 135, "bfloat16": 182}) | half_intermediates(
+        "perplexity/*/{dtype}",
+        "F.nll_loss returns the mean negative log-likelihood as a tensor of the input dtype, "
+        "and torch.exp of that rounded mean amplifies its rounding by the perplexity's "
+        "magnitude.", {"float16": 8.16, "bfloat16": 4.76})
     if device != "cpu":
-        return {}
-    return {"cross_entropy/forward/float16": Deviation(SMOOTHING_OVERFLOW,
-                                                       applies=smoothing_overflows)}
+        return devs
+    # one deviation per key: in float16's forward the half-precision bound is the one that
+    # covers most examples; the smoothing overflow (smoothing_overflows) is judged at it
+    return {**devs, **half_intermediates(
+        "cross_entropy/forward/{dtype}",
+        "F.cross_entropy is nll_loss(log_softmax(z)) on the CPU: the log-probabilities are a "
+        "tensor of the input dtype (rounded to it) before the pick and the mean. Also: "
+        + SMOOTHING_OVERFLOW + " (examples judged at this bound).", {"float16": 135})}

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.torch_attention import call_arguments, flash_causal_nan
-from lmspec.backends.torch_core import smoothing_sum
+from lmspec.backends.torch_attention import flash_causal_nan, half_intermediates
 
 NOTES = {
     "rms_norm": "F.rms_norm.",
@@ -57,32 +55,40 @@ _EVERYWHERE = {
 }
 
 
-def _flce_smoothing_overflows(args, kwargs) -> bool:
-    """As cross_entropy's: label_smoothing > 0 and the smoothing sum of the logits
-    (hidden·Wᵀ + bias, soft-capped) over the kept rows reaches 6.0e4."""
-    a = call_arguments("fused_linear_cross_entropy", args, kwargs)
-    if float(a["label_smoothing"]) <= 0:
-        return False
-    z = np.asarray(a["hidden"]).astype(np.float64) @ np.asarray(a["weight"]).astype(
-        np.float64).T
-    if a["bias"] is not None:
-        z = z + np.asarray(a["bias"]).astype(np.float64)
-    if a["softcap"] is not None:
-        z = a["softcap"] * np.tanh(z / a["softcap"])
-    return smoothing_sum(z, a["targets"], int(a["ignore_index"])) >= 6.0e4
-
-
 def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's hook
     """Known differences of torch's kernels from the spec on ``device`` (measured)."""
     if device != "cpu":
         return dict(_EVERYWHERE)
-    return {**_EVERYWHERE, "fused_linear_cross_entropy/forward/float16": Deviation(
-        "F.cross_entropy with label_smoothing > 0 on the CPU forms the smoothing term "
-        "Σ_c −log p[c] in float16 (as for cross_entropy), which overflows to inf over a "
-        "large vocabulary although the loss fits: V = 32001, ε = 0.1 and ordinary logits "
-        "give inf where the spec gives 16.70 (found by --shapes large). Covered: examples "
-        "whose smoothing sum over the kept rows reaches 6.0e4 (see cross_entropy); the "
-        "unsmoothed loss conforms.", applies=_flce_smoothing_overflows)}
+    return {**_EVERYWHERE, **_CPU_HALF}
+
+
+_CPU_HALF = half_intermediates(
+    "fused_linear_cross_entropy/forward/{dtype}",
+    "F.linear's logits and F.cross_entropy's log-probabilities are tensors of the input "
+    "dtype (rounded to it) before the pick and the mean. In float16 this bound replaces the "
+    "predicate of F.cross_entropy's smoothing overflow (label_smoothing > 0 over a large "
+    "vocabulary: inf where the spec gives 16.70, V = 32001, ε = 0.1, found by --shapes "
+    "large), whose examples are judged at this bound.",
+    {"float16": 2.13, "bfloat16": 2.81}) | half_intermediates(
+    "fused_linear_cross_entropy/vjp/{dtype}",
+    "the backward of F.cross_entropy and F.linear runs in the input dtype (the gradient of "
+    "the logits is a tensor of that dtype).",
+    {"float16": 182, "bfloat16": 8.88}) | half_intermediates(
+    "gated_mlp/*/{dtype}",
+    "F.linear's outputs (gate and up projections) and the activation's output are tensors of "
+    "the input dtype (rounded to it) before the product and the down projection.",
+    {"float16": 3.30, "bfloat16": 7.40}) | half_intermediates(
+    "grouped_query_attention/vjp/{dtype}",
+    "F.scaled_dot_product_attention's CPU backward for half tensors holds the probabilities "
+    "and the gradients of the scores in the input dtype.",
+    {"float16": 10.4, "bfloat16": 6.37}) | half_intermediates(
+    "grouped_query_attention/forward/{dtype}",
+    "F.scaled_dot_product_attention's CPU kernel for float16 rounds the scores or the "
+    "weights to float16 between its matmuls.", {"float16": 3.18}) | half_intermediates(
+    "rotary_embedding/vjp/{dtype}",
+    "composed as Hugging Face transformers does it, the rotation a·cos − b·sin runs in the "
+    "input dtype (each product rounded to it), and so does its backward.",
+    {"bfloat16": 1.16})
 
 
 # -- rms_norm ----------------------------------------------------------------------------

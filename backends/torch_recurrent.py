@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmspec.backends.torch_attention import half_intermediates
+
 NOTES = {
     "gru_cell": "linear_before_reset=False has no torch kernel: composed from F.linear, "
                 "torch.sigmoid and torch.tanh (n = tanh(W_in x + b_in + W_hn(r*h) + b_hn)); "
@@ -28,6 +30,37 @@ NOTES = {
     "rnn_lm_loss": "nn.RNN's kernel (torch._VF.rnn_tanh) run block by block with the hidden "
                    "state detached between blocks of bptt_truncation steps; F.cross_entropy.",
 }
+
+_CELL_WHY = (
+    "torch's CPU recurrent kernels for half tensors (torch.rnn_tanh_cell / lstm_cell / "
+    "gru_cell, and torch._VF.rnn_* / lstm / gru, which nn.RNN / nn.LSTM / nn.GRU call) run "
+    "each gate's matmuls as half GEMMs: the gate pre-activations x·W_ihᵀ + b_ih and "
+    "h·W_hhᵀ + b_hh, the gates, the cell state and the hidden state between steps are "
+    "tensors of the input dtype (rounded to it); the backward likewise.")
+_LM_WHY = (
+    "composed of torch's kernels in the input dtype (F.embedding, the recurrent or linear "
+    "layers, torch.tanh, F.cross_entropy / F.binary_cross_entropy_with_logits): every "
+    "sub-op's output, hidden states and logits included, is a tensor of the input dtype "
+    "(rounded to it), and the backward likewise.")
+
+def DEVIATIONS(device: str) -> dict:  # noqa: N802 - the backend's DEVIATIONS hook
+    """torch's CPU kernels in float16/bfloat16 (measured on the CPU only)."""
+    return _CPU_HALF if device == "cpu" else {}
+
+
+_CPU_HALF = (
+    half_intermediates("rnn_cell/*/{dtype}", _CELL_WHY, {"float16": 3.61, "bfloat16": 102})
+    | half_intermediates("lstm_cell/*/{dtype}", _CELL_WHY, {"float16": 3.34, "bfloat16": 3.49})
+    | half_intermediates("gru_cell/*/{dtype}", _CELL_WHY, {"float16": 5.87, "bfloat16": 2.39})
+    | half_intermediates("rnn/*/{dtype}", _CELL_WHY, {"float16": 34.1, "bfloat16": 4.26})
+    | half_intermediates("lstm/*/{dtype}", _CELL_WHY, {"float16": 1.66, "bfloat16": 12.0})
+    | half_intermediates("gru/*/{dtype}", _CELL_WHY, {"float16": 3.43, "bfloat16": 15.8})
+    | half_intermediates("window_lm/vjp/{dtype}", _LM_WHY, {"float16": 68.3, "bfloat16": 5.30})
+    | half_intermediates("window_lm/forward/{dtype}", _LM_WHY, {"bfloat16": 78.0})
+    | half_intermediates("rnn_lm_loss/*/{dtype}", _LM_WHY, {"float16": 2.64, "bfloat16": 88.5})
+    | half_intermediates("text_classifier_loss/*/{dtype}", _LM_WHY,
+                         {"float16": 128, "bfloat16": 118})
+)
 
 _CELLS = {"tanh": torch.rnn_tanh_cell, "relu": torch.rnn_relu_cell}
 _SEQS = {"tanh": torch._VF.rnn_tanh, "relu": torch._VF.rnn_relu}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.torch_attention import call_arguments
+from lmspec.backends.torch_attention import call_arguments, half_intermediates
 
 IGNORE = -100
 
@@ -187,7 +187,32 @@ DEVIATIONS = {
         "product can pass 65504 for a drawn cotangent (|cot| ≤ 2), and those of the "
         "deviation of distillation_loss (a shifted logit beyond float16's range).",
         applies=lambda a, k: kl_backward_overflows(a, k) or distillation_nan_terms(a, k)),
-}
+} | half_intermediates(
+    "clip_grad_norm/forward/{dtype}",
+    "clip_grad_norm_ keeps the total norm and the coefficient max_norm/(total + 1e-6) as "
+    "tensors of the gradients' dtype, so the clipped gradients carry the coefficient's "
+    "rounding to it (measured: float16 0.687012 where the spec gives 0.6875). In this "
+    "dtype's forward the examples of the clipping deviation (NaN for max_norm = 0, the "
+    "unrescaled power sum) are judged at this bound instead.",
+    {"float16": 1.45, "bfloat16": 256}) | half_intermediates(
+    "distillation_loss/forward/{dtype}",
+    "composed of F.log_softmax, F.kl_div and F.cross_entropy in the input dtype: the "
+    "log-probabilities and KL terms are tensors of that dtype (rounded to it). In this "
+    "dtype's forward the examples of the distillation_loss deviation are judged at this "
+    "bound instead.", {"float16": 44.7, "bfloat16": 2.60}) | half_intermediates(
+    "distillation_loss/vjp/{dtype}",
+    "the backward of F.log_softmax, F.kl_div and F.cross_entropy runs in the input dtype "
+    "(their gradients are tensors of that dtype between kernels). In float16 this bound "
+    "replaces the predicate of the KL backward's overflow (its examples are judged at it).",
+    {"float16": 13.0, "bfloat16": 186}) | {
+    f"sample_token/*/{d}": Deviation(
+        "sampling composed from torch.softmax, torch.sort, torch.cumsum and "
+        "torch.searchsorted in the input dtype: the probabilities and their running sum are "
+        f"rounded to {d}, which moves a draw near a cut (measured, 30 examples: float16 "
+        "ids[1] = 5 where the spec draws 2; the grid-frequency property off by one filtered "
+        "token in both dtypes), while the same code on the inputs widened to float32, the "
+        f"ids compared as they are, conforms. Judged at {d} working precision.", bound=d)
+    for d in ("float16", "bfloat16")}
 
 
 def _scaled(logits, temperature):

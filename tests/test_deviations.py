@@ -230,7 +230,7 @@ def test_torch_sdpa_is_called_as_users_call_it_and_its_nan_is_declared():
     q = k = v = torch.ones(1, 1, 2, 2, dtype=torch.float64)
     out = ta.scaled_dot_product_attention(q, k, v, is_causal=True, scale=-0.5)
     assert torch.isnan(out[0, 0, 0]).all()  # torch 2.13's CPU kernel, not corrected
-    dev = ta.DEVIATIONS["scaled_dot_product_attention"]
+    dev = ta.DEVIATIONS("cpu")["scaled_dot_product_attention"]
     args = (np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)))
     assert dev.applies(args, {"is_causal": True, "scale": -0.5})
     assert not dev.applies(args, {"is_causal": True, "scale": 0.5})
@@ -243,7 +243,7 @@ def test_torch_encoder_fast_path_nan_is_declared_for_the_queries_that_see_no_key
     torch = pytest.importorskip("torch")
     from lmspec.backends import torch_attention as ta
 
-    dev = ta.DEVIATIONS["transformer_encoder_layer/forward"]
+    dev = ta.DEVIATIONS("cpu")["transformer_encoder_layer/forward"]
     x = np.zeros((2, 3, 4))
     weights = tuple(np.zeros(1) for _ in range(16))
     none_valid = np.array([[False] * 3, [True] * 3])
