@@ -85,7 +85,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
 
 
 def catalogue_markdown() -> str:
-    """The catalogue as a Markdown table (the README's table is this output)."""
+    """The catalogue as a Markdown table (docs/catalogue.md shows this output)."""
     import inspect
 
     from lmspec.conformance.harness import checks_of
@@ -438,6 +438,48 @@ EXIT_CODES = """exit status:
   130  stopped by SIGINT, 143 by SIGTERM (the report is written, marked incomplete)
   141  the reader of the output went away (a closed pipe)"""
 
+_STOPPED = """
+  130  stopped by SIGINT, 143 by SIGTERM
+  141  the reader of the output went away (a closed pipe)"""
+EXITS = {
+    "backends": """exit status:
+  0    the list was printed, whatever each backend's status
+  2    bad usage""" + _STOPPED,
+    "ops": """exit status:
+  0    the catalogue was printed
+  2    bad usage""" + _STOPPED,
+    "run": EXIT_CODES.replace("""
+  1    at least one check is fail or error (compare/replay: verdicts differ;
+       verify: a report is edited)""", """
+  1    at least one check is fail or error"""),
+    "verify": """exit status:
+  0    every report is intact
+  1    a report is edited, inconsistent or unreadable
+  2    bad usage""",
+    "replay": """exit status:
+  0    every verdict of the report holds here, and the report is intact
+  1    a verdict differs here, or the report is edited
+  2    bad usage or configuration (an unreadable report; its backend cannot run here)
+  130  stopped by SIGINT, 143 by SIGTERM""",
+    "merge": """exit status:
+  0    the merged report has no fail and no error
+  1    the merged report has a fail or an error
+  2    bad usage (an unreadable report, reports that cannot be merged, an unwritable DIR)""",
+    "compare": """exit status:
+  0    the reports' verdicts agree
+  1    a verdict differs
+  2    bad usage (an unreadable report)""",
+    "report": """exit status:
+  0    the pages were written
+  2    bad usage (neither or both of REPORT.json and --journal; an unreadable report
+       or journal; an unwritable DIR)""",
+    "vectors": """exit status:
+  0    export: the vectors were written; check: every output conforms
+  1    check: an output fails or errs
+  2    bad usage""",
+}
+"""Each subcommand's exit statuses, shown by its --help."""
+
 
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Help with each option's default (where it has a meaningful one) and the exit
@@ -445,8 +487,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, [], False, argparse.SUPPRESS) and (
-                "%(default)" not in text):
+        default = action.default
+        if not (default is None or default is False or default == []
+                or default is argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -458,9 +501,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lmspec {lmspec.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                              formatter_class=fmt, epilog=EXIT_CODES, **kw)
+    def command(name: str, help: str, description: str = "",
+                **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=fmt, epilog=EXITS[name],
+                              description=description or help[0].upper() + help[1:] + ".",
+                              **kw)
 
     def plugin_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--plugin", action="append", default=[], metavar="MOD",
@@ -537,13 +582,18 @@ def parser() -> argparse.ArgumentParser:
                    help="directory for the merged report")
     m.set_defaults(func=cmd_merge)
 
-    c = sub.add_parser("compare", help="one side-by-side table of several reports")
+    c = command("compare", "one side-by-side table of several reports",
+                "Show several reports side by side: their lmspec version, profile, seed, "
+                "examples per check and environment, then their verdicts per op and dtype; "
+                "anything that differs is marked ≠.")
     c.add_argument("reports", nargs="+", metavar="REPORT.json")
     c.add_argument("--markdown", action="store_true", help="the tables in Markdown")
     c.add_argument("--html", metavar="FILE", help="also write the comparison as HTML to FILE")
     c.set_defaults(func=cmd_compare)
 
-    g = sub.add_parser("report", help="write a JSON report's HTML and Markdown again")
+    g = command("report", "write a JSON report's HTML and Markdown again",
+                "Write a JSON report's HTML and Markdown pages again, or (--journal) the "
+                "whole report of a run whose controller died, from its journal.")
     g.add_argument("report", metavar="REPORT.json", nargs="?")
     g.add_argument("--journal", metavar="FILE",
                    help="instead, write the report (JSON, Markdown, HTML) of a run whose "
@@ -556,8 +606,11 @@ def parser() -> argparse.ArgumentParser:
 
     from lmspec.conformance.vectors import configure_parser  # light: stdlib and NumPy
 
-    configure_parser(sub.add_parser("vectors", help="golden vectors: export inputs and "
-                                    "references; judge outputs computed elsewhere"))
+    configure_parser(command("vectors", "golden vectors: export inputs and references; judge "
+                             "outputs computed elsewhere",
+                             "Golden vectors for implementations outside Python: `export` "
+                             "writes inputs, float64 references and tolerance data; `check` "
+                             "judges outputs computed elsewhere and writes a report."))
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -125,22 +126,48 @@ def test_python_dash_m():
     assert r.returncode == 0 and r.stdout.startswith("lmspec ")
 
 
-def test_readme_catalogue_is_generated_from_the_catalogue():
+def test_docs_catalogue_is_generated_from_the_catalogue():
+    import importlib.util
     from pathlib import Path
 
+    import lmspec
     from lmspec.conformance.cli import catalogue_markdown
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert catalogue_markdown().strip() in readme, "run `lmspec ops --markdown` into README.md"
+    docs = Path(__file__).parents[1] / "docs"
+    assert "<!-- gen:catalogue -->" in (docs / "catalogue.md").read_text()
+    assert "<!-- gen:cli -->" in (docs / "cli.md").read_text()
+    spec = importlib.util.spec_from_file_location("docs_gen", docs / "gen.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    page = gen.catalogue()
+    assert page.startswith(catalogue_markdown()) and page == gen.catalogue()  # deterministic
+    assert all(f"::: lmspec.{d.family}.{op}" in page for op, d in lmspec.OPS.items())
+    cli = gen.cli_reference()
+    assert "## lmspec run" in cli and "## lmspec compare" in cli and cli == gen.cli_reference()
 
 
-def test_readme_ngram_example_runs():
+def test_each_subcommand_help_is_its_own(capsys):
+    from lmspec.conformance.cli import EXITS, main, parser
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(EXITS)
+    for name, sp in sub.choices.items():
+        assert sp.description and sp.epilog == EXITS[name], name
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "seed of the example search (default: 0)" in out and "--report-dir DIR" in out
+    assert main(["compare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "side by side" in out and "a verdict differs" in out and "130" not in out
+
+
+def test_docs_ngram_example_runs():
     import doctest
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("### Scoring a sentence")[1].split("```python")[1].split("```")[0]
-    test = doctest.DocTestParser().get_doctest(block, {}, "README", "README.md", 0)
+    page = (Path(__file__).parents[1] / "docs" / "catalogue.md").read_text()
+    block = page.split("## Scoring a sentence")[1].split("```python")[1].split("```")[0]
+    test = doctest.DocTestParser().get_doctest(block, {}, "docs", "docs/catalogue.md", 0)
     runner = doctest.DocTestRunner()
     runner.run(test)
     assert runner.failures == 0 and runner.tries >= 6
