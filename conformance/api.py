@@ -300,18 +300,18 @@ def assert_close(op: str, args: Sequence[Any], kwargs: Mapping[str, Any] | None,
         base = harness.baseline(op, call, dtype)
         pert = harness.perturbed_reference(op, call, dtype)
         try:
-            got = harness._output(_numpy(actual), f"{op}()")
-        except harness._BackendError as exc:
+            got = harness.output(_numpy(actual), f"{op}()")
+        except harness.BackendError as exc:
             raise AssertionError(str(exc)) from None
         verdict = CloseVerdict(op, dtype)
         k = oc.k(call)
         scale = oc.scale(call, None) if oc.scale else None
-        refs, gots = harness._named(ref, "out"), harness._named(got, "out")
+        refs, gots = harness.named(ref, "out"), harness.named(got, "out")
         if len(refs) != len(gots):
             raise AssertionError(f"{op}() has {len(gots)} output arrays, but should have "
                                  f"{len(refs)}")
-        bases = harness._named(base, "out") if base is not None else [(n, None) for n, _ in refs]
-        per_eval = [harness._named(p, "out") for p in pert if p is not None]
+        bases = harness.named(base, "out") if base is not None else [(n, None) for n, _ in refs]
+        per_eval = [harness.named(p, "out") for p in pert if p is not None]
         for i, ((name, r), (_, g), (_, s)) in enumerate(zip(refs, gots, bases)):
             if r is None or g is None:
                 continue

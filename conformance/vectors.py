@@ -123,7 +123,7 @@ def draw_calls(op: str, dtype: str, count: int, seed_: int) -> list[Any]:
     from hypothesis import strategies as st
 
     from .declare import CASES
-    from .harness import Target, _check_drawn_dtypes, _seed_of
+    from .harness import Target, check_drawn_dtypes, seed_of
 
     oc = CASES[op]
     calls: list[Any] = []
@@ -131,7 +131,7 @@ def draw_calls(op: str, dtype: str, count: int, seed_: int) -> list[Any]:
     def example(data: Any) -> None:
         with np.errstate(all="ignore"):
             drawn = data.draw(oc.strategy(dtype), label="input")
-        _check_drawn_dtypes(drawn, dtype, f"{op} forward")
+        check_drawn_dtypes(drawn, dtype, f"{op} forward")
         calls.append(drawn)
 
     test = settings(
@@ -139,7 +139,7 @@ def draw_calls(op: str, dtype: str, count: int, seed_: int) -> list[Any]:
         print_blob=False, report_multiple_bugs=False,
         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
         suppress_health_check=list(HealthCheck),
-    )(seed(_seed_of(Target("", op, dtype, "forward"), seed_))(given(st.data())(example)))
+    )(seed(seed_of(Target("", op, dtype, "forward"), seed_))(given(st.data())(example)))
     test()
     return calls
 
@@ -170,10 +170,10 @@ def export(directory: str | Path, ops: list[str], dtypes: list[str], count: int,
                     pert = harness.perturbed_reference(op, call, dt)
                 k = int(oc.k(call))
                 scale = oc.scale(call, None) if oc.scale else None
-                refs = harness._named(ref, "out")
-                bases = harness._named(base, "out") if base is not None else [
+                refs = harness.named(ref, "out")
+                bases = harness.named(base, "out") if base is not None else [
                     (n, None) for n, _ in refs]
-                evals = [harness._named(p, "out") for p in pert if p is not None]
+                evals = [harness.named(p, "out") for p in pert if p is not None]
                 outputs = []
                 for j, ((name, r), (_, s)) in enumerate(zip(refs, bases)):
                     if r is None:
@@ -207,7 +207,7 @@ def export(directory: str | Path, ops: list[str], dtypes: list[str], count: int,
                     outputs.append(rec)
                 n_arrays = sum(1 for o in outputs if o["reference"] is not None)
                 single = len(outputs) == 1 and not isinstance(ref, tuple)
-                kwargs = harness._op_kwargs(op, call, dt)
+                kwargs = harness.op_kwargs(op, call, dt)
                 cases.append({
                     "id": cid, "op": op, "dtype": dt, "check": "forward",
                     "args": _encode(tuple(call.args), base_dir, "arg", dt)["tuple"],
@@ -259,7 +259,7 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
     out = []
     for (op, dt), cases in groups.items():
         t0 = time.perf_counter()
-        stats = harness._Stats()
+        stats = harness.Stats()
         first: dict[str, Any] | None = None
         status, message, failing = "pass", "", 0
         for c in cases:
@@ -274,11 +274,11 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
             stats.begin()
             try:
                 _judge_case(c, call, got, root, dt, stats, CASES[op], OpCases, harness)
-            except harness._Mismatch as exc:
+            except harness.Mismatch as exc:
                 failing += 1
                 if first is None:
                     first = {"case": c["id"], "input": call, "message": str(exc)}
-            except harness._BackendError as exc:
+            except harness.BackendError as exc:
                 first, status = {"case": c["id"], "input": call, "message": str(exc)}, "error"
                 message = f"{exc} (case {c['id']})"
                 break
@@ -301,7 +301,7 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
 def _judge_case(c: dict[str, Any], call: Any, got: tuple[Any, ...], root: Path, dt: str,
                 stats: Any, oc: Any, op_cases: Any, harness: Any) -> None:
     if len(got) != len(c["results"]):
-        raise harness._BackendError(f"{len(got)} result files, but should be "
+        raise harness.BackendError(f"{len(got)} result files, but should be "
                                     f"{len(c['results'])}")
     for j, o in enumerate(c["outputs"]):
         if o["reference"] is None:
@@ -312,10 +312,10 @@ def _judge_case(c: dict[str, Any], call: Any, got: tuple[Any, ...], root: Path, 
         fixed = op_cases(c["op"], oc.strategy, lambda _c, k=o["k"]: k,
                          (lambda _c, _cot, s=o["scale"]: s) if o["scale"] is not None else None,
                          oc.compare)
-        g = harness._output(got[j], f"{c['op']}()")
-        harness._compare_outputs(fixed, call, g, harness._as_result(ref),
-                                 None if base is None else harness._as_result(base), dt, stats,
-                                 o["name"], pert=lambda files=files: [harness._as_result(
+        g = harness.output(got[j], f"{c['op']}()")
+        harness.compare_outputs(fixed, call, g, harness.as_result(ref),
+                                 None if base is None else harness.as_result(base), dt, stats,
+                                 o["name"], pert=lambda files=files: [harness.as_result(
                                      np.load(root / p, allow_pickle=False)) for p in files])
 
 

@@ -259,7 +259,9 @@ def test_activated_lists_exactly_the_ops_whose_reference_moves_activations():
 
     from lmspec._precision import rounding_activations
     from lmspec.conformance.conditioning import ACTIVATED
-    from lmspec.conformance.harness import _map, _op_kwargs, _widen
+    from lmspec.conformance.harness import map_arrays as _map
+    from lmspec.conformance.harness import op_kwargs as _op_kwargs
+    from lmspec.conformance.harness import widen as _widen
 
     def moves(op: str, oc: OpCases) -> bool:
         hits: list[int] = []

@@ -191,7 +191,7 @@ def test_every_example_of_a_check_is_a_fresh_draw(monkeypatch):
         copies.append(self.call_count - before)
 
     monkeypatch.setattr(ConjectureRunner, "generate_mutations_from", counting)
-    with harness._fresh_examples():
+    with harness.fresh_examples():
         assert _run(Softmax(), n=60)["examples"] == 60
     assert copies == []
     assert ConjectureRunner.generate_mutations_from is counting
@@ -200,9 +200,12 @@ def test_every_example_of_a_check_is_a_fresh_draw(monkeypatch):
     # the same search without the switch spends most of its examples on copies
     strategy = harness.CASES["softmax"].strategy("float64")
 
-    @harness.settings(max_examples=60, database=None, deadline=None)
-    @harness.seed(0)
-    @harness.given(harness.st.data())
+    from hypothesis import given, seed, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, database=None, deadline=None)
+    @seed(0)
+    @given(st.data())
     def search(data):
         data.draw(strategy)
 
