@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 import lmspec
 from lmspec._precision import DTYPES
+from lmspec.conformance.profiles import DTYPE_NAMES, PROFILES, profile_help
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
@@ -533,12 +534,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--op", action="append", default=[], metavar="GLOB",
                    help="ops to check, shell-style patterns (repeatable; default: all)")
     r.add_argument("--dtype", action="append", default=None, metavar="D",
-                   help="float16, bfloat16, float32 or float64 (repeatable; default: every "
-                        "dtype each backend declares)")
+                   help=f"{', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]} (repeatable; "
+                        "default: every dtype each backend declares)")
     r.add_argument("--check", action="append", default=None, metavar="CHECK",
                    help="only this check: forward, vjp or a property name (repeatable)")
-    r.add_argument("--profile", choices=["quick", "default", "thorough"], default="default",
-                   help="examples per check: quick 20, default 30, thorough 1000")
+    r.add_argument("--profile", choices=list(PROFILES), default="default",
+                   help=profile_help())
     r.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="examples per check, overriding the profile")
     r.add_argument("--seed", type=int, default=0, help="seed of the example search")

@@ -19,23 +19,10 @@ from lmspec._precision import DTYPES
 from lmspec.backends.remote import DEFAULT_TIMEOUT_S
 
 from .declare import PROPERTIES
+from .profiles import LARGE_PROFILES, PROFILES
 
 for _fam in lmspec.FAMILIES:  # importing the declarations declares every family's cases
     importlib.import_module(f"lmspec.conformance.cases_{_fam}")
-
-PROFILES: dict[str, int] = {"quick": 20, "default": 30, "thorough": 1000}
-"""Fresh examples per check of each ``--profile``. The default's 30 come from
-``benchmarks/bench_detection.py``: over the 65 mutants of the test suite on 5 seeds each,
-a run of 30 examples per check caught 322 of 325 (mutant, seed) runs on the mutant's own
-checks (323 on every check of its op in float32 and float64), 100 examples 324 (325),
-and the former default (100 examples, about 70 of them Hypothesis' copies of parts of
-earlier ones) 309."""
-
-
-LARGE_PROFILES: dict[str, int] = {"quick": 3, "default": 5, "thorough": 50}
-"""Examples per check of the large-shape tier (``--shapes large``): each costs hundreds
-of small ones, and its sizes already sit at the tile boundaries a search would seek."""
-
 
 @dataclass(frozen=True)
 class Target:

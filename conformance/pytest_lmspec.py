@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-PROFILES = ("quick", "default", "thorough")
-DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+from .profiles import DTYPE_NAMES, PROFILES, profile_help
+
 _STATE = pytest.StashKey["_Session"]()
 
 
@@ -33,8 +33,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 choices=DTYPE_NAMES, help="only this dtype (repeatable)")
     g.addoption("--lmspec-check", action="append", default=[], metavar="CHECK",
                 help="only this check: forward, vjp or a property name (repeatable)")
-    g.addoption("--lmspec-profile", choices=PROFILES, default="default",
-                help="examples per check: quick 20, default 30, thorough 1000")
+    g.addoption("--lmspec-profile", choices=list(PROFILES), default="default",
+                help=profile_help())
     g.addoption("--lmspec-max-examples", type=int, default=None, metavar="N")
     g.addoption("--lmspec-seed", type=int, default=0, metavar="N")
     g.addoption("--lmspec-plugin", action="append", default=[], metavar="MOD",
