@@ -512,9 +512,16 @@ def _ln_inputs(call: Call) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.
 
 
 def _layer_scale(call: Call, cot=None) -> float:
-    """The layer norms' conditioning, chained through the layer (see :func:`_ln_magnitude`)."""
+    """The layer norms' conditioning, chained through the layer (see :func:`_ln_magnitude`);
+    for a vjp times the largest input a weight gradient multiplies (``∂W_q = Σ ∂q·xᵀ``:
+    the layer's input ``x``, and the decoder's ``memory``), as for the attention ops, which
+    a residual stream around a large offset makes far more than 1."""
     ins, norms = _ln_inputs(call)
-    return _ln_magnitude(ins, norms, call.kwargs["eps"], cot, chained=True)
+    m = _ln_magnitude(ins, norms, call.kwargs["eps"], cot, chained=True)
+    if cot is None:
+        return m
+    inputs = call.args[:2] if len(call.args) == 5 else call.args[:1]
+    return m * max(1.0, *(float(np.max(_abs(a), initial=0.0)) for a in inputs))
 
 
 cases("transformer_encoder_layer", k=_layer_k, scale=_layer_scale)(_encoder)
