@@ -1,7 +1,7 @@
 """False-alarm rate and power of the statistical judge of samplers (sampling family).
 
     .venv/bin/python benchmarks/bench_sampling.py [--seeds N] [--mutant-seeds M]
-        [--max-examples E] [--jobs J] [--json OUT]
+        [--max-examples E] [--jobs J] [--json OUT] [--minutes T]
 
 **False alarms.** torch-cpu's own samplers (``draw_tokens``: ``torch.multinomial`` with a
 seeded ``torch.Generator``; ``draw_speculative``: vectorised chain rejection sampling)
@@ -19,6 +19,8 @@ harness also records, per check, the power the judge computed for each alternati
 each example (``statistics.alternatives``), summed here.
 
 Shrinking is left on (it is part of a default run); only the verdicts are counted.
+The mutants run first; the false-alarm seeds then run until ``--minutes`` have passed (if
+given), and the figures count the seeds that finished. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, TimeoutError
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +76,36 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=30)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--minutes", type=float, default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from tests.test_mutants_sampling import MUTANTS
 
     t0 = time.perf_counter()
+    stop = t0 + 60 * args.minutes if args.minutes else float("inf")
     with ProcessPoolExecutor(args.jobs) as pool:
-        correct = [r for rs in pool.map(_correct, range(args.seeds),
-                                        [args.max_examples] * args.seeds) for r in rs]
         jobs = [(m, s) for m in MUTANTS for s in range(args.mutant_seeds)]
         mutants = list(pool.map(_mutant, [m for m, _ in jobs], [s for _, s in jobs],
                                 [args.max_examples] * len(jobs)))
+        print(f"mutants done after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        correct: list[dict[str, Any]] = []
+        futures = [pool.submit(_correct, s, args.max_examples) for s in range(args.seeds)]
+        for seed, fut in enumerate(futures):
+            remaining = stop - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                correct += fut.result(timeout=remaining)
+            except TimeoutError:
+                break
+            if seed % 10 == 9:
+                print(f"{seed + 1} seeds after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        for fut in futures:
+            fut.cancel()
+        seeds_done = len({r["seed"] for r in correct})
     fails = [r for r in correct if r["status"] != "pass"]
     print(f"correct samplers: {len(correct) - len(fails)} of {len(correct)} checks pass "
-          f"({args.seeds} seeds × {sum(map(len, CHECKS.values()))} checks, "
+          f"({seeds_done} seeds × {sum(map(len, CHECKS.values()))} checks, "
           f"{args.max_examples} examples each); non-passes:")
     for r in fails:
         print(f"  seed {r['seed']} {r['dtype']} {r['op']}/{r['check']}: {r['status']}: "
@@ -106,7 +124,7 @@ def main() -> None:
     print("judge's computed power ≥ 0.99 (examples with it / examples where the alternative "
           "differs; checks with at least one such example):")
     for name, (good, diff, checks) in sorted(power.items()):
-        print(f"  {name}: {good}/{diff} examples; {checks}/{args.seeds} checks")
+        print(f"  {name}: {good}/{diff} examples; {checks}/{seeds_done} checks")
     print(f"mutants ({args.mutant_seeds} seeds each, float32, {args.max_examples} examples):")
     for name in MUTANTS:
         runs = [m for m in mutants if m["mutant"] == name]
