@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from lmspec import Deviation
 
+from .torch_attention import half_intermediates
 from .torch_modern import _visible
 
 NOTES = {
@@ -89,7 +90,13 @@ _CPU_DEVIATIONS = {
         "(0, 0) gives lse rows [0, 0] where the spec gives −inf (measured; flex_attention gives "
         "−inf). Merged as a cascade part, such an LSE gives a zero output the weight of a real "
         "one.", applies=_lse_of_query_without_keys),
-}
+} | half_intermediates(
+    "paged_attention/vjp/{dtype}",
+    "F.scaled_dot_product_attention's CPU backward for half tensors holds the probabilities "
+    "and the gradients of the scores in the input dtype (as for grouped_query_attention), "
+    "and index_select's backward adds the gradients of shared pages in it (worst over "
+    "seeds 0-4).",
+    {"float16": 11.2, "bfloat16": 42.8})
 
 
 def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's hook

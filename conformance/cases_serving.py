@@ -54,7 +54,7 @@ compares the gradient of ``sinks`` (the harness compares positional arguments)."
 def _lengths(draw, page: int, causal: bool) -> tuple[int, int]:
     """``(L_b, S_b)`` of one sequence."""
     kinds = ["decode", "chunked prefill", "full prefill", "empty"] + (
-        [] if causal else ["more queries than keys", "no key"])
+        [] if causal else ["more queries than keys"] * 3 + ["no key"])
     kind = draw(st.sampled_from(kinds), label="sequence kind")
     if kind == "no key":
         return d.dim(draw, 1, 2, label="L"), 0
