@@ -22,22 +22,12 @@ from typing import Any
 import numpy as np
 
 from ._precision import activation
+from .blocks import sigmoid
 
 State = tuple[np.ndarray, ...]
 Weights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # (W_ih, W_hh, b_ih, b_hh)
 
 
-def _sigmoid(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``σ(a) = 1 / (1 + e^{−a})``, as ``1 / (1 + e^{−|a|})`` for ``a ≥ 0`` and
-    ``e^{−|a|} / (1 + e^{−|a|})`` for ``a < 0``: one exponential that cannot overflow,
-    full relative accuracy in both tails, NaN kept. ``out`` may be ``a`` itself."""
-    e = np.abs(a)
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    num = np.greater_equal(a, 0, out=np.empty_like(e), casting="unsafe")
-    np.maximum(e, num, out=num)  # 1 where a ≥ 0, e^{−|a|} (NaN for NaN) elsewhere
-    den = np.add(e, 1, out=out)
-    return activation(np.divide(num, den, out=den))
 
 
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -153,9 +143,9 @@ def _lstm_scan(P, init: State, w: Weights, opts: dict[str, Any], order: range):
         np.matmul(h, W_hh.T, out=rec)
         rec += b_hh
         a += rec
-        _sigmoid(a[:, :2 * H], out=a[:, :2 * H])  # i and f at once
+        sigmoid(a[:, :2 * H], out=a[:, :2 * H])  # i and f at once
         activation(np.tanh(a[:, 2 * H:3 * H], out=a[:, 2 * H:3 * H]))
-        _sigmoid(a[:, 3 * H:], out=a[:, 3 * H:])
+        sigmoid(a[:, 3 * H:], out=a[:, 3 * H:])
         si, sf, tg, so = _split(a, 4)
         np.multiply(sf, c, out=cs[t])
         np.multiply(si, tg, out=ig)
@@ -236,7 +226,7 @@ def _gru_scan(P, init: State, w: Weights, opts: dict[str, Any], order: range):
         rec += b_rec
         rz, n = a[:, :2 * H], a[:, 2 * H:]
         rz += rec[:, :2 * H]
-        _sigmoid(rz, out=rz)
+        sigmoid(rz, out=rz)
         r, z = _split(rz, 2)
         if lbr:
             np.copyto(hns[t], rec[:, 2 * H:])
@@ -356,3 +346,38 @@ def layer_bwd(cell: Cell, lay: Layer, dys: np.ndarray | None, dfinal: Sequence[n
     db_hh = np.concatenate([db_ih if d is delta else np.sum(d.reshape(T * B, -1), axis=0)
                             for d, _ in rec])
     return dx, d_init, (dW_ih, dW_hh, db_ih, db_hh)
+
+
+# -- the literal steps: the equations of CONTRACT §2, one step, no buffers --------------
+# The scans above compute exactly these, batched over time and in place; these are kept
+# as their documentation and as the test suite's oracle (tests/test_recurrent_literal.py).
+
+def rnn_step(x, h, W_ih, W_hh, b_ih, b_hh, nonlinearity: str = "tanh"):
+    """``h' = f(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh)``, ``f ∈ {tanh, relu}`` (Elman)."""
+    a = x @ W_ih.T + b_ih + h @ W_hh.T + b_hh
+    return np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)
+
+
+def lstm_step(x, h, c, W_ih, W_hh, b_ih, b_hh):
+    """Gate blocks ``i, f, g, o`` of ``a = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh``;
+    ``c' = σ(f)⊙c + σ(i)⊙tanh(g)``, ``h' = σ(o)⊙tanh(c')`` (Hochreiter & Schmidhuber 1997;
+    forget gate: Gers et al. 2000)."""
+    i, f, g, o = np.split(x @ W_ih.T + b_ih + h @ W_hh.T + b_hh, 4, axis=-1)
+    s = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731 - the plain logistic, literally
+    c2 = s(f) * c + s(i) * np.tanh(g)
+    return s(o) * np.tanh(c2), c2
+
+
+def gru_step(x, h, W_ih, W_hh, b_ih, b_hh, linear_before_reset: bool = True):
+    """Gate blocks ``r, z, n``: ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z`` likewise,
+    ``n = tanh(W_in x + b_in + r⊙(W_hn h + b_hn))`` (or, with ``linear_before_reset=False``,
+    ``tanh(W_in x + b_in + W_hn(r⊙h) + b_hn)``), ``h' = (1 − z)⊙n + z⊙h`` (Cho et al. 2014)."""
+    xr, xz, xn = np.split(x @ W_ih.T + b_ih, 3, axis=-1)
+    W_hr, W_hz, W_hn = np.split(W_hh, 3, axis=0)
+    b_hr, b_hz, b_hn = np.split(b_hh, 3, axis=-1)
+    s = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731 - the plain logistic, literally
+    r = s(xr + h @ W_hr.T + b_hr)
+    z = s(xz + h @ W_hz.T + b_hz)
+    hn = r * (h @ W_hn.T + b_hn) if linear_before_reset else (r * h) @ W_hn.T + b_hn
+    n = np.tanh(xn + hn)
+    return (1 - z) * n + z * h

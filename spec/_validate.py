@@ -131,6 +131,13 @@ def _is(value: object, choice: object) -> bool:
         return False
 
 
+def flag(op: str, name: str, value: object) -> bool:
+    """A bool (Python or NumPy): the one validator of every on/off option."""
+    if not isinstance(value, (bool, np.bool_)):
+        fail(op, name, "a bool", _short(value))
+    return bool(value)
+
+
 def one_of(op: str, name: str, value: object, choices: Sequence[object]) -> None:
     if not any(_is(value, c) for c in choices):
         fail(op, name, "one of " + ", ".join(repr(c) for c in choices), _short(value))

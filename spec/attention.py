@@ -36,80 +36,17 @@ import numpy as np
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
 from ._precision import DTYPES, activation, fl
+from .blocks import (
+    activation_forward,
+    attend,
+    causal,
+    linear,
+)
 
 Pullback = Callable[..., Any]
 _MHA_PARAMS = ("W_q", "W_k", "W_v", "b_q", "b_k", "b_v", "W_o", "b_o")
 
 # -- building blocks -------------------------------------------------------------------
-
-
-def _masked_softmax(e: np.ndarray, allow: np.ndarray | None,
-                    overwrite: bool = False) -> np.ndarray:
-    """``p_j = allow_j · exp(e_j − m) / Σ_k allow_k · exp(e_k − m)`` over the last axis.
-
-    ``m`` is the maximum over the *allowed* scores only (so extreme masked-out scores
-    cannot underflow the allowed ones; ``m = 0`` when it is not finite). A row with nothing
-    allowed gives ``p = 0``. Masked scores become ``−∞`` before the maximum, so their
-    ``exp(−∞ − m)`` is exactly 0. Evaluated in place in one buffer (``e`` itself when
-    ``overwrite``): maximum, subtract, exponentiate, sum, divide.
-    """
-    z = e if allow is None else np.where(allow, e, -np.inf)
-    m = np.max(z, axis=-1, keepdims=True)
-    m[~np.isfinite(m)] = 0
-    z = np.subtract(z, m, out=z if overwrite or allow is not None else None)
-    np.exp(z, out=z)
-    total = np.sum(z, axis=-1, keepdims=True)
-    total[~(total > 0)] = 1
-    z /= total
-    return z
-
-
-def _softmax_pullback(p: np.ndarray, dp: np.ndarray, overwrite: bool = False) -> np.ndarray:
-    """``∂L/∂e = p ⊙ (∂L/∂p − Σ_j p_j ∂L/∂p_j)``; zero where ``p`` is (masked keys, and
-    rows with nothing allowed, whose weights are the constant 0). In place in ``dp`` when
-    ``overwrite``."""
-    rowsum = np.sum(dp * p, axis=-1, keepdims=True)
-    d = np.subtract(dp, rowsum, out=dp if overwrite else None)
-    d *= p
-    return d
-
-
-def _attend_fwd(e: np.ndarray, allow: np.ndarray | None, values: np.ndarray,
-                overwrite: bool = False):
-    """``p = masked_softmax(e)``, ``out = p @ values`` for scores ``e[..., L, S]`` and
-    ``values[..., S, Ev]`` (``e`` may be overwritten when ``overwrite``). Pullback:
-    ``(∂out, ∂p) -> (∂e, ∂values)``."""
-    p = _masked_softmax(e, allow, overwrite)
-    out = p @ values
-
-    def back(d_out, d_p=None):
-        dp = d_out @ np.swapaxes(values, -1, -2)
-        if d_p is not None:
-            dp += d_p
-        return _softmax_pullback(p, dp, overwrite=True), np.swapaxes(p, -1, -2) @ d_out
-
-    return (out, p), back
-
-
-def _linear_fwd(x: np.ndarray, W: np.ndarray, b: np.ndarray | None):
-    """``y = x Wᵀ + b``. Pullback: ``∂y -> (∂x = ∂y W, ∂W = Σ ∂yᵀ x, ∂b = Σ ∂y)``. Leading
-    axes are flattened, so that each product is one GEMM."""
-    rows = math.prod(x.shape[:-1])
-    x2 = x.reshape(rows, x.shape[-1])
-    y = (x2 @ W.T).reshape(*x.shape[:-1], W.shape[0])
-    if b is not None:
-        y += b
-
-    def back(dy):
-        dy2 = dy.reshape(rows, dy.shape[-1])
-        return (dy2 @ W).reshape(x.shape), dy2.T @ x2, np.sum(dy2, axis=0)
-
-    return y, back
-
-
-def _causal(n_q: int, n_k: int) -> np.ndarray:
-    """Top-left causal mask ``[L, S]``: query ``i`` sees keys ``j ≤ i``."""
-    return np.tril(np.ones((n_q, n_k), dtype=bool))
 
 
 def _and(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -124,7 +61,7 @@ def _sdpa_fwd(q, k, v_, allow, scale: float):
     ``∂K = scale·∂Sᵀ Q``."""
     s = q @ np.swapaxes(k, -1, -2)
     s *= scale
-    (out, _), attend_back = _attend_fwd(s, allow, v_, overwrite=True)
+    (out, _), attend_back = attend(s, allow, v_, overwrite=True)
 
     def back(d_out):
         ds, dv = attend_back(d_out)
@@ -155,12 +92,12 @@ def _mha_fwd(query, key, value, params: Sequence[np.ndarray], h: int, allow):
     Pullback: ``∂out -> (∂query, ∂key, ∂value, (∂W_q, ∂W_k, ∂W_v, ∂b_q, ∂b_k, ∂b_v, ∂W_o,
     ∂b_o))``."""
     W_q, W_k, W_v, b_q, b_k, b_v, W_o, b_o = params
-    (Q, bq), (K, bk), (V, bv) = (_linear_fwd(a, W, b) for a, W, b in
+    (Q, bq), (K, bk), (V, bv) = (linear(a, W, b) for a, W, b in
                                  ((query, W_q, b_q), (key, W_k, b_k), (value, W_v, b_v)))
     dh = query.shape[-1] // h
     heads, b_att = _sdpa_fwd(_split_heads(Q, h), _split_heads(K, h), _split_heads(V, h),
                              allow, 1.0 / math.sqrt(dh))
-    out, b_out = _linear_fwd(_merge_heads(heads), W_o, b_o)
+    out, b_out = linear(_merge_heads(heads), W_o, b_o)
 
     def back(d_out):
         d_cat, dW_o, db_o = b_out(d_out)
@@ -192,28 +129,13 @@ def _layer_norm_fwd(x, gamma, beta, eps: float):
     return y, back
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    return np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype)
-
-
-def _activation_fwd(x: np.ndarray, kind: str):
-    """``relu(x) = max(x, 0)`` or the exact GELU ``x Φ(x)``, ``Φ(x) = (1 + erf(x/√2))/2``
-    (Hendrycks & Gimpel 2016). Pullback: ``∂x = ∂y · [x > 0]`` or
-    ``∂y · (Φ(x) + x φ(x))``, ``φ(x) = exp(−x²/2)/√(2π)``."""
-    if kind == "relu":
-        return np.maximum(x, 0), lambda dy: dy * (x > 0)
-    cdf = (1 + _erf(x / math.sqrt(2))) / 2
-    pdf = np.exp(-(x * x) / 2) / math.sqrt(2 * math.pi)
-    return x * cdf, lambda dy: dy * (cdf + x * pdf)
-
-
 def _ffn_fwd(x, params: Sequence[np.ndarray], activation: str):
     """``FFN(x) = W_2 act(W_1 x + b_1) + b_2``. Pullback ``-> (∂x, (∂W_1, ∂b_1, ∂W_2,
     ∂b_2))``."""
     W_1, b_1, W_2, b_2 = params
-    a, b1 = _linear_fwd(x, W_1, b_1)
-    z, b_act = _activation_fwd(a, activation)
-    y, b2 = _linear_fwd(z, W_2, b_2)
+    a, b1 = linear(x, W_1, b_1)
+    z, b_act = activation_forward(a, activation)
+    y, b2 = linear(z, W_2, b_2)
 
     def back(dy):
         dz, dW_2, db_2 = b2(dy)
@@ -294,10 +216,6 @@ def _key_allow(valid: np.ndarray | None) -> np.ndarray | None:
 # -- validation ------------------------------------------------------------------------
 
 
-def _flag(op: str, name: str, value: object) -> bool:
-    v.one_of(op, name, value, (True, False))
-    return bool(value)
-
 
 def _check_single_query(op, query, keys, values, mask, *, same_dim: bool):
     q = v.floats(op, "query", query, ndim=2)
@@ -320,10 +238,10 @@ def _check_sdpa(q, k, v_, mask, is_causal, scale):
     full = (b, h, n_q, k.shape[2])
     v.budget(op, "k", math.prod(full), "score matrix [B, h, L, S]")
     m = v.scores_mask(op, mask, full)
-    causal = _flag(op, "is_causal", is_causal)
+    causal_on = v.flag(op, "is_causal", is_causal)
     scale = v.default_scale(op, q, scale)
     s = v.real(op, "scale", scale, finite=True)
-    allow = _and(m, _causal(n_q, k.shape[2]) if causal else None)
+    allow = _and(m, causal(n_q, k.shape[2]) if causal_on else None)
     return q, k, vv, allow, s
 
 
@@ -356,8 +274,8 @@ def _check_mha(query, key, value, params, num_heads, key_valid, is_causal):
     h = _check_heads(op, num_heads, d)
     v.budget(op, "key", b * h * n_q * kx.shape[1], "score matrix [B, h, L, S]")
     kv = v.mask(op, "key_valid", key_valid, shape=(b, kx.shape[1]))
-    causal = _flag(op, "is_causal", is_causal)
-    allow = _and(_key_allow(kv), _causal(n_q, kx.shape[1]) if causal else None)
+    causal_on = v.flag(op, "is_causal", is_causal)
+    allow = _and(_key_allow(kv), causal(n_q, kx.shape[1]) if causal_on else None)
     return qx, kx, vx, ps, h, allow
 
 
@@ -386,7 +304,7 @@ def _check_layer(op, x, weights, num_heads, norm_first, activation, eps, n_attn,
     h = _check_heads(op, num_heads, d)
     v.budget(op, "x", xx.shape[0] * h * xx.shape[1] ** 2, "self-attention scores [B, h, T, T]")
     v.budget(op, "weights", xx.shape[0] * xx.shape[1] * f, "feed-forward hidden [B, T, F]")
-    nf = _flag(op, "norm_first", norm_first)
+    nf = v.flag(op, "norm_first", norm_first)
     v.one_of(op, "activation", activation, ("relu", "gelu"))
     e = v.real(op, "eps", eps, low=0.0)
     return xx, attn, ffn, norms, h, nf, e
@@ -398,7 +316,7 @@ def _check_layer(op, x, weights, num_heads, norm_first, activation, eps, n_attn,
 def _single_query_fwd(e, mask, values):
     """Scores ``e[B, S]`` of one query -> ``(context[B, Dv], weights[B, S])`` and the
     pullback ``(∂context, ∂weights) -> (∂e, ∂values)``."""
-    (ctx, w), back = _attend_fwd(e[:, None, :], None if mask is None else mask[:, None, :],
+    (ctx, w), back = attend(e[:, None, :], None if mask is None else mask[:, None, :],
                                  values)
 
     def pull(cot):
@@ -418,8 +336,8 @@ def _additive_fwd(query, keys, values, W_q, W_k, v_, mask):
     v.positive_dims(op, "v", vv, {0: "A"})
     Wq = v.floats(op, "W_q", W_q, shape=(vv.shape[0], q.shape[1]))
     Wk = v.floats(op, "W_k", W_k, shape=(vv.shape[0], k.shape[2]))
-    u, b_u = _linear_fwd(q, Wq, None)
-    kk, b_k = _linear_fwd(k, Wk, None)
+    u, b_u = linear(q, Wq, None)
+    kk, b_k = linear(k, Wk, None)
     t = activation(np.tanh(u[:, None, :] + kk))
     out, b_att = _single_query_fwd(t @ vv, m, vals)
 
@@ -613,7 +531,7 @@ def _encoder_fwd(x, weights, num_heads, key_valid, is_causal, norm_first, activa
         op, x, weights, num_heads, norm_first, activation, eps, 1, 2)
     kv = v.mask(op, "key_valid", key_valid, shape=xx.shape[:2])
     t = xx.shape[1]
-    allow = _and(_key_allow(kv), _causal(t, t) if _flag(op, "is_causal", is_causal) else None)
+    allow = _and(_key_allow(kv), causal(t, t) if v.flag(op, "is_causal", is_causal) else None)
     y1, b1 = _sublayer_fwd(xx, _self_attention(attn, h, allow), n1, nf, e)
     y2, b2 = _sublayer_fwd(y1, _feed_forward(ffn, activation), n2, nf, e)
 
@@ -662,7 +580,7 @@ def _decoder_fwd(x, memory, weights, num_heads, memory_valid, norm_first, activa
              "cross-attention scores [B, h, T, S]")
     mv = v.mask(op, "memory_valid", memory_valid, shape=mem.shape[:2])
     t = xx.shape[1]
-    y1, b1 = _sublayer_fwd(xx, _self_attention(sa, h, _causal(t, t)), n1, nf, e)
+    y1, b1 = _sublayer_fwd(xx, _self_attention(sa, h, causal(t, t)), n1, nf, e)
     y2, b2 = _sublayer_fwd(y1, _cross_attention(mem, ca, h, _key_allow(mv)), n2, nf, e)
     y3, b3 = _sublayer_fwd(y2, _feed_forward(ffn, activation), n3, nf, e)
 

@@ -7,7 +7,6 @@ signatures (``backend.softmax(x, axis=-1)``); a missing method means "unsupporte
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable

@@ -26,7 +26,7 @@ import numpy as np
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
 from ._precision import activation, fl
-from .attention import _activation_fwd, _attend_fwd, _linear_fwd
+from .blocks import activation_forward, attend, linear, sigmoid
 from .core import log_softmax, logsumexp, softmax
 
 # -- rms_norm ----------------------------------------------------------------------------
@@ -83,10 +83,6 @@ def _rms_norm_vjp(cot, x, weight=None, eps=1e-6):
 # -- rotary_embedding --------------------------------------------------------------------
 
 
-def _flag(op: str, name: str, value: object) -> bool:
-    v.one_of(op, name, value, (True, False))
-    return bool(value)
-
 
 def _check_rotary(x, positions, base, interleaved, rotary_dim):
     op = "rotary_embedding"
@@ -98,7 +94,7 @@ def _check_rotary(x, positions, base, interleaved, rotary_dim):
     bb = v.real(op, "base", base, low=0.0, low_open=True)
     if not math.isfinite(bb):
         v.fail(op, "base", "a finite number > 0", repr(base))
-    inter = _flag(op, "interleaved", interleaved)
+    inter = v.flag(op, "interleaved", interleaved)
     if rotary_dim is None:
         if e % 2:
             v.fail(op, "x", "an even last axis E when rotary_dim is None", f"shape {xx.shape}")
@@ -159,19 +155,15 @@ def _rotary_embedding_vjp(cot, x, positions, base=10000.0, interleaved=False, ro
 GELU_TANH_C = 0.044715
 
 
-def _sigmoid(a: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(a))
-    return activation(np.where(a >= 0, 1 / (1 + e), e / (1 + e)))
-
 
 def _gate_fwd(a: np.ndarray, kind: str):
     """``silu(a) = a σ(a)`` (``∂ = σ(a)(1 + a(1 − σ(a)))``), exact GELU ``a Φ(a)``, or
     ``gelu_tanh(a) = a (1 + tanh(√(2/π)(a + 0.044715 a³)))/2`` (Hendrycks & Gimpel 2016),
     ``∂ = (1 + t)/2 + a (1 − t²) √(2/π)(1 + 3·0.044715 a²)/2``."""
     if kind == "gelu":
-        return _activation_fwd(a, "gelu")
+        return activation_forward(a, "gelu")
     if kind == "silu":
-        s = _sigmoid(a)
+        s = sigmoid(a)
         return a * s, lambda dy: dy * s * (1 + a * (1 - s))
     c, k = fl(math.sqrt(2 / math.pi)), fl(GELU_TANH_C)
     t = activation(np.tanh(c * (a + k * a * a * a)))
@@ -202,10 +194,10 @@ def _gated_fwd(x, W_gate, W_up, W_down, activation):
     """``y = (act(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ``. Pullback: ``∂h = ∂y W_down``,
     ``∂a = ∂h ⊙ b ⊙ act'(a)``, ``∂b = ∂h ⊙ act(a)``, ``∂x = ∂a W_gate + ∂b W_up``, the
     weight gradients ``Σ ∂yᵀ h``, ``Σ ∂aᵀ x``, ``Σ ∂bᵀ x``."""
-    a, back_a = _linear_fwd(x, W_gate, None)
-    b, back_b = _linear_fwd(x, W_up, None)
+    a, back_a = linear(x, W_gate, None)
+    b, back_b = linear(x, W_up, None)
     g, back_g = _gate_fwd(a, activation)
-    y, back_y = _linear_fwd(g * b, W_down, None)
+    y, back_y = linear(g * b, W_down, None)
 
     def back(dy):
         dh, dW_down, _ = back_y(dy)
@@ -290,7 +282,7 @@ def _check_gqa(q, k, v_, mask, is_causal, scale, q_offset, window, alibi_slopes,
     vv = v.floats(op, "v", v_, shape=(b, g, n_k, None))
     full = (b, h, n_q, n_k)
     m = v.scores_mask(op, mask, full)
-    causal = _flag(op, "is_causal", is_causal)
+    causal = v.flag(op, "is_causal", is_causal)
     scale = v.default_scale(op, qq, scale)
     s = _finite(op, "scale", scale)
     off = v.integer(op, "q_offset", q_offset)
@@ -359,7 +351,7 @@ def _gqa_fwd(q, k, v_, allow, scale, rel, slopes, cap):
 
     s, score_back = gqa_scores(q, k, scale, rel, slopes, cap)
     allow_g = None if allow is None else grouped(np.ascontiguousarray(allow))
-    (out, _), attend_back = _attend_fwd(s, allow_g, v_, overwrite=True)
+    (out, _), attend_back = attend(s, allow_g, v_, overwrite=True)
 
     def back(d_out):
         ds, dv = attend_back(grouped(np.ascontiguousarray(d_out)))
@@ -430,7 +422,7 @@ def _flce_fwd(hidden, weight, targets, bias, ii, eps, zl, cap):
     over kept rows. Pullback per kept row: ``∂z_n = c/|R| · (p_n − (1−ε) onehot(y_n) − ε/V
     + 2·z_loss·lse(z_n)·p_n)``, times ``1 − tanh²`` under the cap, then the linear pullback
     (``∂hidden = ∂z W``, ``∂W = ∂zᵀ hidden``, ``∂b = Σ_n ∂z_n``)."""
-    z, lin_back = _linear_fwd(hidden, weight, bias)
+    z, lin_back = linear(hidden, weight, bias)
     t = None
     if cap is not None:
         t = activation(np.tanh(z / fl(cap)))

@@ -47,7 +47,8 @@ from ._recurrence import GRU as _GRU
 from ._recurrence import LSTM as _LSTM
 from ._recurrence import RNN as _RNN
 from ._recurrence import Cell as _Cell
-from ._recurrence import Layer, State, Weights, _sigmoid, layer_bwd, layer_fwd
+from ._recurrence import Layer, State, Weights, layer_bwd, layer_fwd
+from .blocks import sigmoid
 from .core import _cross_entropy_vjp, cross_entropy
 
 WNAMES = ("W_ih", "W_hh", "b_ih", "b_hh")
@@ -69,14 +70,9 @@ def _check_options(op: str, opts: dict[str, Any]) -> dict[str, Any]:
     if "nonlinearity" in opts:
         v.one_of(op, "nonlinearity", opts["nonlinearity"], ("tanh", "relu"))
     if "linear_before_reset" in opts:
-        _check_bool(op, "linear_before_reset", opts["linear_before_reset"])
+        v.flag(op, "linear_before_reset", opts["linear_before_reset"])
     return opts
 
-
-def _check_bool(op: str, name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        v.fail(op, name, "a bool", repr(value))
-    return bool(value)
 
 
 def _check_cell_weights(op: str, w: Sequence[Any], gates: int, in_size: int, H: int,
@@ -115,7 +111,7 @@ class _Seq:
 def _check_seq(op: str, cell: _Cell, x, states: Sequence[tuple[str, Any]], weights,
                num_layers, bidirectional) -> _Seq:
     L = v.integer(op, "num_layers", num_layers, low=1)
-    D = 2 if _check_bool(op, "bidirectional", bidirectional) else 1
+    D = 2 if v.flag(op, "bidirectional", bidirectional) else 1
     xa = v.floats(op, "x", x, ndim=3)
     B, T, I = xa.shape
     if T < 1:
@@ -241,7 +237,7 @@ def lstm_cell(x, h, c, W_ih, W_hh, b_ih, b_hh):
 
 @vjp_rule(lstm_cell)
 def _lstm_cell_vjp(cot, x, h, c, W_ih, W_hh, b_ih, b_hh):
-    """See :func:`_lstm_bwd`; ``cot = (∂h', ∂c')``."""
+    """BPTT of one step (:func:`lmspec._recurrence._lstm_back`); ``cot = (∂h', ∂c')``."""
     xa, st, w = _check_cell("lstm_cell", _LSTM, x, [("h", h), ("c", c)],
                             (W_ih, W_hh, b_ih, b_hh))
     lay = layer_fwd(_LSTM, xa[None], st, w, {})
@@ -267,7 +263,7 @@ def gru_cell(x, h, W_ih, W_hh, b_ih, b_hh, linear_before_reset=True):
 
 @vjp_rule(gru_cell)
 def _gru_cell_vjp(cot, x, h, W_ih, W_hh, b_ih, b_hh, linear_before_reset=True):
-    """See :func:`_gru_bwd`."""
+    """BPTT of one step (:func:`lmspec._recurrence._gru_back`)."""
     opts = _check_options("gru_cell", {"linear_before_reset": linear_before_reset})
     xa, st, w = _check_cell("gru_cell", _GRU, x, [("h", h)], (W_ih, W_hh, b_ih, b_hh))
     lay = layer_fwd(_GRU, xa[None], st, w, opts)
@@ -541,7 +537,7 @@ def _text_classifier_loss_vjp(cot, tokens, mask, labels, E, W, b, u):
     adds ``∂x̄_b / Σ_t mask_t`` to ``∂E[w_t]``."""
     tok, m, y, Ea, Wa, ba, ua = _check_classifier(tokens, mask, labels, E, W, b, u)
     count, xbar, hid, s = _classifier_forward(tok, m, Ea, Wa, ba, ua)
-    ds = fl(cot) * (_sigmoid(s) - y) / fl(len(s))
+    ds = fl(cot) * (sigmoid(s) - y) / fl(len(s))
     dxbar, dW, db = _affine_back(np.outer(ds, ua) * (1 - hid * hid), xbar, Wa)
     per_token = (dxbar / count[:, None])[:, None, :] * m[..., None]
     return {"E": _scatter_rows(tok, per_token, Ea), "W": dW, "b": db, "u": ds @ hid}

@@ -12,7 +12,7 @@ combines attention over disjoint key sets from their log-sum-exps (FlashInfer's
 
 The scores, their cap, bias and pullback are :func:`lmspec.modern.gqa_scores` and the
 visibility :func:`lmspec.modern.visibility` (the very code of GQA); the softmax and its
-pullback are :mod:`lmspec.attention`'s ``_attend_fwd``. A sink is one more score column per
+pullback are :func:`lmspec.blocks.attend`. A sink is one more score column per
 query row, visible, with a value of 0: the softmax over ``[s, sink]`` is the contract's
 ``exp(sinks[j])`` in the denominator, computed with the same stabilised softmax, and the
 sink's gradient is that column's score gradient.
@@ -32,9 +32,9 @@ import numpy as np
 from . import _validate as v
 from ._catalogue import reference, vjp_rule
 from ._precision import fl
-from .attention import _attend_fwd
+from .blocks import attend
 from .core import logsumexp
-from .modern import _check_window, _finite, _flag, gqa_scores, visibility
+from .modern import _check_window, _finite, gqa_scores, visibility
 
 # -- paged_attention -----------------------------------------------------------------------
 
@@ -72,7 +72,7 @@ def _check_paged(q, k_cache, v_cache, block_table, kv_lens, q_indptr, scale, is_
     qq, kc, vc, bt, lens, ind = _check_layout(q, k_cache, v_cache, block_table, kv_lens,
                                               q_indptr)
     b, h = len(lens), qq.shape[1]
-    causal = _flag(OP, "is_causal", is_causal)
+    causal = v.flag(OP, "is_causal", is_causal)
     n_q = np.diff(ind)
     if causal and np.any(n_q > lens):
         i = int(np.argmax(n_q > lens))
@@ -94,7 +94,7 @@ def _check_paged(q, k_cache, v_cache, block_table, kv_lens, q_indptr, scale, is_
         sk = v.floats(OP, "sinks", sinks, shape=(h,))
         if not np.all(np.isfinite(sk)):
             v.fail(OP, "sinks", "finite values", sk.tolist())
-    _flag(OP, "return_lse", return_lse)
+    v.flag(OP, "return_lse", return_lse)
     return qq, kc, vc, bt, lens, ind, s, causal, win, slopes, cap, sk
 
 
@@ -128,7 +128,7 @@ def _sequence_fwd(q, k, v_, n_k, scale, causal, win, slopes, cap, sink):
     allow_ext = np.broadcast_to(allow_ext, s_ext.shape)
     lse = logsumexp(np.where(allow_ext, s_ext, -np.inf), -1)  # [1, g, rep·L]
     v_ext = np.concatenate([vb, np.zeros((1, g, 1, vb.shape[-1]), dtype=vb.dtype)], axis=2)
-    (out, p), attend_back = _attend_fwd(s_ext, allow_ext, v_ext)
+    (out, p), attend_back = attend(s_ext, allow_ext, v_ext)
 
     def per_query(x):  # [1, g, rep·L, ·] -> [L, h, ·]
         return np.transpose(x.reshape(h, n_q, -1), (1, 0, 2))

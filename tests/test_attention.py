@@ -215,7 +215,7 @@ def test_gelu_matches_scipy_erf():
     w = encoder_weights()
     x = r(1, 2, D)
     spec = lmspec.transformer_encoder_layer(x, w, 2, activation="gelu")
-    with mock.patch.object(lmspec.attention, "_erf", scipy.special.erf):
+    with mock.patch.object(lmspec.blocks, "erf", scipy.special.erf):
         np.testing.assert_allclose(lmspec.transformer_encoder_layer(x, w, 2, activation="gelu"),
                                    spec, rtol=0, atol=1e-14)
 
