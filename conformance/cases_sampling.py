@@ -347,9 +347,10 @@ def draws_fit(run, call: Call, dtype: str):
         if ok:
             ok, msg = stat.agreement(ids[i], ids[j], exact[i], exact[j], plan.alpha_test)
         if np.array_equal(x[i], x[j]) and np.sum(exact[i] ** 2) < 1 - 1e-12:
-            plan.power["generator not advanced between rows"] = 1.0
+            plan.power["generator not advanced between rows"] = stat.identical_rows_power(
+                plan.n, exact[i], plan.alpha_test)
     stat.record(plan, ids.size)
-    yield from stat.claims(ok, "draw_tokens fits sampling_probs", msg, plan, seed)
+    yield from stat.claims(ok, "draw_tokens fits sampling_probs", msg, seed)
 
 
 @st.composite
@@ -425,7 +426,7 @@ def _speculative_draws(run, call: Call, dtype: str, view: str, what: str):
             view == "positions") else [coded[i, :, 0] for i in range(b)]
     ok, msg = stat.judge(fams, outcomes, n, plan.alpha_test)
     stat.record(plan, b * n)
-    yield from stat.claims(ok, what, msg, plan, seed)
+    yield from stat.claims(ok, what, msg, seed)
 
 
 @prop("speculative_accept", strategy=_chain_call)

@@ -358,6 +358,13 @@ def _category(groups: np.ndarray, i: int) -> str:
     return f"category {members[0]}" if len(members) == 1 else f"pooled categories {members}"
 
 
+def identical_rows_power(n: int, pa: np.ndarray, a: float) -> float:
+    """Power against a generator that is not advanced between two identical rows (their
+    draws then agree at all ``n`` positions): 1 if ``n`` agreements are rejected, else 0."""
+    s = float(np.sum(pa * pa))
+    return 1.0 if s < 1 - 1e-12 and _limits(n, np.array(s), a)[1] < n else 0.0
+
+
 def agreement(a_ids: np.ndarray, b_ids: np.ndarray, pa: np.ndarray, pb: np.ndarray,
               a: float) -> tuple[bool, str]:
     """Independence of two rows' draws: their agreement count against
@@ -405,6 +412,8 @@ def sampler_call(backend: Any, name: str, fn: Any, kwargs: Mapping[str, Any],
 
 
 class _HostSampler:
+    """A sampler method called through a backend's host process."""
+
     def __init__(self, call: Callable[..., Any], name: str):
         self.call, self.name, self.remote = call, name, True
 
@@ -444,6 +453,7 @@ def record(p: Plan, draws: int) -> None:
         "examples_differing)")
 
 
-def claims(ok: bool, what: str, message: str, p: Plan, seed: int) -> Iterator[Holds]:
+def claims(ok: bool, what: str, message: str, seed: int) -> Iterator[Holds]:
+    """The verdict as a property's claim (its detail names the draw seed and the level)."""
     yield Holds(what, ok, f"{message}; draw seed {seed}, false alarm ≤ {FALSE_ALARM:g} "
                 f"per check")
