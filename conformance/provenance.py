@@ -99,7 +99,8 @@ def record(sandbox_level: str, sources: Sequence[Any]) -> dict[str, Any]:
         plugins.append({"plugin": s.name, "source": s.kind,
                         "distribution": dist.metadata["Name"] if dist else "",
                         "version": dist.version if dist else getattr(s, "version", ""),
-                        "files_sha256": distribution_hash(dist) if dist else None})
+                        "files_sha256": (lmspec_hash() if dist.metadata["Name"] == "lmspec"
+                                         else distribution_hash(dist)) if dist else None})
     return {"sandbox": sandbox_level, "lmspec": {"version": lmspec.__version__,
                                                  "files_sha256": lmspec_hash()},
             "plugins": plugins}
