@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
@@ -10,6 +12,31 @@ import pytest
 
 from lmspec.backends.torch_backend import TorchBackend
 from lmspec.conformance.harness import Settings, Target, checks_of, run_target
+
+
+def _uses_torch(fn: Callable[..., Any]) -> bool:
+    """The test names torch (``torch-cpu``, ``TorchBackend``, ``run_mutant`` …) in its body
+    or in a module constant it reads (``QUICK = ["run", "--backend", "torch-cpu", …]``)."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if "torch" in src or "run_mutant" in src or "MutantBackend" in src:
+        return True
+    consts = (fn.__globals__.get(n) for n in fn.__code__.co_names)
+    return any("torch" in repr(c) for c in consts if isinstance(c, (str, list, tuple)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without torch (``pip install lmspec`` has no engine), the tests that run a torch
+    backend skip; engine test modules also skip themselves with ``importorskip``."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    skip = pytest.mark.skip(reason="torch is not installed (pip install 'lmspec[torch]')")
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and _uses_torch(fn):
+            item.add_marker(skip)
 
 
 class MutantBackend(TorchBackend):

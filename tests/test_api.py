@@ -148,6 +148,7 @@ def test_the_torch_adapter_converts_bfloat16_and_takes_gradients_by_autograd():
     np.testing.assert_allclose(g, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_jax_adapter():
     jax = pytest.importorskip("jax")
     f = lmspec.adapters.jax(lambda x, axis=-1: jax.nn.softmax(x, axis=axis))

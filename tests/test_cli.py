@@ -25,6 +25,7 @@ def _reports(d):
     return sorted(d.glob("*.json"))
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_stable_report(tmp_path, capsys):
     assert main([*QUICK, "--report-dir", str(tmp_path / "a")]) == 0
     out = capsys.readouterr()
@@ -85,6 +86,7 @@ def test_backends_and_ops_json(capsys):
     assert "torch-cpu" in ops["softmax"]["backends"]
 
 
+@pytest.mark.slow
 def test_failures_exit_1_with_replay_and_compare(tmp_path, capsys, monkeypatch):
     """A plugin given with --plugin whose softmax is wrong fails, names the op, and
     its replay command reproduces the failure."""

@@ -48,6 +48,7 @@ def report(report_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_the_numpy_backend_conforms_and_its_buggy_twin_fails_on_softmax(installed, tmp_path):
     p = lmspec(installed, tmp_path, "run", "--backend", "numpy-example", "--backend",
                "numpy-example-buggy", "--op", "*softmax", "--op", "logsumexp", "--op",
@@ -72,6 +73,7 @@ def test_the_numpy_backend_conforms_and_its_buggy_twin_fails_on_softmax(installe
     assert "softmax" in p.stdout and "fail" in p.stdout
 
 
+@pytest.mark.slow
 def test_the_torch_kernel_conforms_and_inherits_the_rest(installed, tmp_path):
     p = lmspec(installed, tmp_path, "run", "--backend", "torch-kernel-cpu", "--op", "softmax",
                "--op", "cross_entropy", "--dtype", "bfloat16", "--check", "forward",

@@ -55,6 +55,7 @@ def _only_report(d: Path) -> dict:
     return rep
 
 
+@pytest.mark.slow
 def test_hostile_backends_get_their_verdicts_and_the_run_survives(tmp_path):
     backends = [a for b in HOSTILE for a in ("--backend", f"hostile-{b}")]
     r = _lmspec("run", "--plugin", "hostile_plugin", "--backend", "torch-cpu", *backends,
@@ -88,6 +89,7 @@ def test_inputs_are_pristine_for_in_process_backends_too():
     assert res["status"] == "error" and "modified its input x" in res["message"]
 
 
+@pytest.mark.slow
 def test_backends_listing_survives_hostile_plugins():
     r = _lmspec("backends", "--json", "--plugin", "hostile_plugin", "--timeout", "3",
                 env=_env(HOSTILE_AT_IMPORT="print"))
@@ -108,6 +110,7 @@ def test_backends_listing_survives_hostile_plugins():
     assert rows["hostile_plugin"] == "failed to load: the backend process exited with status 3"
 
 
+@pytest.mark.slow
 def test_a_squatter_sorting_first_cannot_take_a_builtin_name(tmp_path):
     info = tmp_path / "aaa_squatter-1.0.dist-info"
     info.mkdir()
@@ -125,6 +128,7 @@ def test_a_squatter_sorting_first_cannot_take_a_builtin_name(tmp_path):
     assert any(x["status"].endswith("is taken by lmspec (built-in)") for x in squat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_leaves_an_incomplete_report_with_every_finished_check(tmp_path, jobs, sig):

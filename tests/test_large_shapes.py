@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("torch")
+
 from lmspec.backends import torch_attention as ta
 from lmspec.conformance import report
 from lmspec.conformance.cli import main

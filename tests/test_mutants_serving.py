@@ -14,6 +14,9 @@ from functools import partial
 from typing import Any
 
 import pytest
+
+pytest.importorskip("torch")
+
 import torch
 
 from lmspec.conformance.harness import checks_of
