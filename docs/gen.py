@@ -19,6 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+try:
+    from mkdocs.plugins import event_priority
+except ImportError:  # the tests import this module without mkdocs installed
+    def event_priority(priority: float) -> Any:
+        return lambda f: f
+
 WIDTH = "88"  # argparse wraps help to $COLUMNS
 
 
@@ -75,6 +81,7 @@ class _DynamicAll(logging.Filter):
         return "Unsupported item in lmspec.__all__" not in record.getMessage()
 
 
+@event_priority(100)  # before mkdocstrings reads its `paths`, which must exist by then
 def on_config(config: Any) -> Any:
     for name in ("griffe", "mkdocs.plugins.griffe", "mkdocs.plugins.mkdocstrings"):
         logging.getLogger(name).addFilter(_DynamicAll())
