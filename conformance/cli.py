@@ -384,7 +384,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 # -- lmspec compare ----------------------------------------------------------------
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lmspec.conformance import report
+    from lmspec.conformance import compare, report
 
     reps = []
     for p in args.reports:
@@ -392,7 +392,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             reps.append((p, report.load(p)))
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read report {p}: {exc}") from exc
-    text, differing = report.compare_table(reps, "github" if args.markdown else "simple")
+    text, differing = compare.compare_table(reps, "github" if args.markdown else "simple")
     print(text, end="")
     if args.html:
         from pathlib import Path

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-from . import report as rp
+from . import tables as rp
 
 COLOURS = {"pass": "#cfeccf", "partial": "#f7d79b", "deviation": "#c8d6f5",
            "fail": "#f39a9a", "error": "#c9302c", "unsupported": "#e2e2e2",
@@ -362,7 +362,7 @@ def render(report: dict[str, Any]) -> str:
 def render_compare(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """``lmspec compare --html``: the header table and the verdict table, differences
     outlined."""
-    from .compare import DIFF, compare_header, compare_results
+    from .tables import DIFF, compare_header, compare_results
 
     hh, hrows = compare_header(reports)
     rh, rrows, differing = compare_results(reports)

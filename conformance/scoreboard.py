@@ -35,9 +35,9 @@ import lmspec
 from lmspec._precision import DTYPES
 
 from . import report as rp
-from .report import MARK, label, num, one_line, precision_note
+from .tables import CELL_ORDER, MARK, columns, label, lesser_text, num, one_line, precision_note
 
-ORDER = rp.CELL_ORDER
+ORDER = CELL_ORDER
 """Verdicts of a scoreboard cell, worst first (see the module docstring)."""
 JUDGED = ("pass", "fail", "deviation")
 """Verdicts whose ``worst_ratio`` measures something (an error, unsupported or skipped
@@ -109,7 +109,7 @@ def select(reports: Iterable[dict[str, Any] | Entry]
     complete.sort(key=lambda e: (_created(e[1]), e[0]), reverse=True)
     taken: set[Column] = set()
     for name, rep in complete:
-        cols = [c for c in rp.columns(rep["results"]) if c not in taken]
+        cols = [c for c in columns(rep["results"]) if c not in taken]
         if cols:
             taken.update(cols)
             used.append((name, rep, cols))
@@ -195,7 +195,7 @@ def cell_text(results: Sequence[dict[str, Any]], notes: Footnotes) -> str:
     precisions = sorted({p for p in map(precision_note, results) if p})
     if precisions:  # the working precision a verdict was judged at (CONTRACT §6)
         text += f" ({', '.join(precisions)})"
-    rest = [rp.lesser_text(lab, groups[lab])
+    rest = [lesser_text(lab, groups[lab])
             for lab in ORDER if lab in groups and lab not in (head, "pass")]
     return "; ".join([text] + rest)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from . import report
+from . import tables
 
 ANSI = {"pass": "32", "partial": "33", "deviation": "36", "fail": "31;1", "error": "31;1",
         "unsupported": "2", "skipped": "2"}
@@ -72,7 +72,7 @@ class Progress:
 
     def __call__(self, result: dict[str, Any]) -> None:
         self.done += 1
-        lab = report.label(result)
+        lab = tables.label(result)
         self.counts[lab] += 1
         key = (result["backend"], result["op"])
         if self._folded and (self._folded[0]["backend"], self._folded[0]["op"]) != key:
@@ -81,11 +81,11 @@ class Progress:
             self._folded.append(result)
         elif self.tty:
             if lab in ("fail", "error"):
-                self._line(f"{paint(report.MARK[lab], lab, self.colour)} {self._what(result)}: "
-                           f"{report.one_line(result['message'], 200)}")
+                self._line(f"{paint(tables.MARK[lab], lab, self.colour)} {self._what(result)}: "
+                           f"{tables.one_line(result['message'], 200)}")
         else:
             self._line(f"[{self.done}/{self.total}] {self._elapsed():>6} "
-                       f"{paint(f'{report.status_text(result):<11}', lab, self.colour)} "
+                       f"{paint(f'{tables.status_text(result):<11}', lab, self.colour)} "
                        f"{self._what(result)}")
         if self.tty:
             self._bar(result)
@@ -110,7 +110,7 @@ class Progress:
         filled = n * self.done // max(1, self.total)
         bar = "█" * filled + "░" * (n - filled)
         counts = " ".join(paint(f"{v} {k}", k, self.colour) for k, v in sorted(
-            self.counts.items(), key=lambda kv: report.SEVERITY.index(kv[0])))
+            self.counts.items(), key=lambda kv: tables.SEVERITY.index(kv[0])))
         plain = " ".join(f"{v} {k}" for k, v in self.counts.items())
         head = (f"{bar} {self.done}/{self.total} {100 * self.done // max(1, self.total):3d}% "
                 f"{_clock(elapsed)} ETA {_clock(eta)} ")
@@ -131,7 +131,7 @@ class Progress:
             by_dtype.setdefault(r["dtype"], []).append(r["check"])
         which = "; ".join(f"{d} ({', '.join(c)})" for d, c in by_dtype.items())
         text = (f"{rs[0]['backend']} {rs[0]['op']}: {plural(len(rs), 'check')} unsupported: "
-                f"{which} — {report.one_line(rs[0]['message'], 120)}")
+                f"{which} — {tables.one_line(rs[0]['message'], 120)}")
         prefix = "" if self.tty else f"[{self.done}/{self.total}] {self._elapsed():>6} "
         self._line(prefix + paint("unsupported", "unsupported", self.colour) + " " + text)
 
@@ -147,11 +147,11 @@ class Progress:
 def table(results: Sequence[dict[str, Any]], cols: int, colour: bool = False) -> str:
     """The op × backend × dtype table, its columns split into as many tables as the width
     ``cols`` needs (each repeating the op column) and long cells wrapped."""
-    headers, rows = report.comparison(results)
+    headers, rows = tables.comparison(results)
     if not rows:
         return "(no results)"
-    g = report.grid(results)
-    keys = report.columns(results)
+    g = tables.grid(results)
+    keys = tables.columns(results)
     op_w = max(len(h) for h in [headers[0], *(r[0] for r in rows)])
     widths = [max(min(MAX_CELL, max(len(headers[j + 1]), *(len(r[j + 1]) for r in rows))),
                   *(len(w) for r in rows for w in r[j + 1].split()))  # no word is split
@@ -167,7 +167,7 @@ def table(results: Sequence[dict[str, Any]], cols: int, colour: bool = False) ->
 
     def fmt(i: int, j: int) -> str:
         text = rows[i][j + 1]
-        lab = report.worst_label(g.get((rows[i][0], *keys[j]), []))
+        lab = tables.worst_label(g.get((rows[i][0], *keys[j]), []))
         lines = textwrap.wrap(text, widths[j], break_long_words=False,
                               break_on_hyphens=False) or [""]
         return "\n".join(paint(x, lab, colour) for x in lines)
@@ -183,13 +183,13 @@ def table(results: Sequence[dict[str, Any]], cols: int, colour: bool = False) ->
 def failure_lines(r: dict[str, Any], cols: int = 100, colour: bool = False) -> list[str]:
     """A failure: its heading and message, the tolerance, the shrunk counterexample
     (arrays elided past 20 values) and the replay command."""
-    lab = report.label(r)
+    lab = tables.label(r)
     out = [paint(f"{r['status'].upper()}: {r['backend']} {r['op']} {r['dtype']} {r['check']}",
-                 lab, colour) + f": {report.one_line(r['message'], 500)}"]
-    tol = report.tolerance_text(r)
+                 lab, colour) + f": {tables.one_line(r['message'], 500)}"]
+    tol = tables.tolerance_text(r)
     if tol:
-        out.append(f"  tolerance {tol}; worst ratio {report.num(r['worst_ratio'])}")
-    ce = report.counterexample_lines(r)
+        out.append(f"  tolerance {tol}; worst ratio {tables.num(r['worst_ratio'])}")
+    ce = tables.counterexample_lines(r)
     if ce:
         out.append("  counterexample (shrunk):")
         out += [f"    {x}" if len(x) <= 3 * cols else f"    {x[:3 * cols - 1]}…" for x in ce]
@@ -214,5 +214,5 @@ def summary(rep: dict[str, Any], results: list[dict[str, Any]], paths: Sequence[
     if rep.get("incomplete"):
         print("\n" + paint("incomplete: the run was stopped before every check finished",
                            "fail", colour), file=out)
-    print(f"\n{report.summary_text(rep)} — report {rep['report_id']}", file=out)
+    print(f"\n{tables.summary_text(rep)} — report {rep['report_id']}", file=out)
     print("written: " + ", ".join(map(str, paths)), file=out)

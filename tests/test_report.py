@@ -16,11 +16,11 @@ pytest.importorskip("torch")
 
 import torch
 
-from lmspec.conformance import html, report, terminal
+from lmspec.conformance import html, markdown, report, tables, terminal
 from lmspec.conformance.cli import main
-from lmspec.conformance.compare import DIFF
 from lmspec.conformance.harness import Settings, Target, run_target
 from lmspec.conformance.harness import ratio_distribution as dist
+from lmspec.conformance.tables import DIFF
 
 from .conftest import MutantBackend
 
@@ -70,12 +70,12 @@ def _parse(text: str) -> _Tags:
 
 def test_unsupported_and_partial_are_never_a_plain_pass():
     passed = _result()
-    assert report.cell([passed, UNSUPPORTED]) == "unsupported (rows_sum_to_one)"
-    assert report.cell([passed, PARTIAL]) == "partial pass (vjp)"
-    assert report.cell([UNSUPPORTED]) == "unsupported"
-    assert report.cell([passed]) == "pass"
-    assert report.status_text(PARTIAL) == "partial pass (3 of 10 checked)"
-    md = report.markdown(_report([passed, PARTIAL, UNSUPPORTED]))
+    assert tables.cell([passed, UNSUPPORTED]) == "pass; unsupported (rows_sum_to_one)"
+    assert tables.cell([passed, PARTIAL]) == "partial pass (vjp)"
+    assert tables.cell([UNSUPPORTED]) == "unsupported"
+    assert tables.cell([passed]) == "pass"
+    assert tables.status_text(PARTIAL) == "partial pass (3 of 10 checked)"
+    md = markdown.render(_report([passed, PARTIAL, UNSUPPORTED]))
     rows = {line.split("|")[4].strip(): line for line in md.splitlines()
             if line.startswith("| softmax ") and line.count("|") > 10}
     assert "partial pass (3 of 10 checked)" in rows["vjp"]
@@ -96,12 +96,12 @@ def test_a_backend_that_declines_every_example_is_unsupported():
     r = run_target(Declines(), Target("declines", "softmax", "float64", "forward"),
                    Settings(max_examples=5), {})
     assert r["status"] == "unsupported" and r["unsupported_examples"] == 5
-    assert report.cell([r]) == "unsupported"
+    assert tables.cell([r]) == "unsupported"
 
 
 def test_incomplete_report_says_so_at_the_top():
     rep = _report([_result()], incomplete=True)
-    assert "Incomplete report" in report.markdown(rep).split("## Backends")[0]
+    assert "Incomplete report" in markdown.render(rep).split("## Backends")[0]
     assert "Incomplete report" in html.render(rep).split("Results (op")[0]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmspec.conformance import report, scoreboard
+from lmspec.conformance import markdown, report, scoreboard, tables
 from lmspec.conformance.scoreboard import Footnotes, cell_text, scoreboard_markdown, worst
 
 
@@ -43,10 +43,10 @@ def test_a_pass_without_gradient_reads_pass_no_vjp_in_every_table():
     from lmspec.conformance import html, terminal
 
     rs = [_r(), _r(check="rows_sum_to_one"), UNSUPPORTED]
-    assert report.worst_label(rs) == "pass" and report.cell(rs) == "pass; no vjp"
-    assert report.cell([_r(status="fail"), UNSUPPORTED]) == "FAIL (forward); no vjp"
+    assert tables.worst_label(rs) == "pass" and tables.cell(rs) == "pass; no vjp"
+    assert tables.cell([_r(status="fail"), UNSUPPORTED]) == "FAIL (forward); no vjp"
     assert "pass; no vjp" in terminal.table(rs, 100)
-    assert "pass; no vjp" in report.markdown(_rep(rs))
+    assert "pass; no vjp" in markdown.render(_rep(rs))
     assert "pass; no vjp" in html.render(_rep(rs))
     assert cell_text(rs, Footnotes()) == "pass 0.25; no vjp"
 
