@@ -101,7 +101,10 @@ def test_verify_tells_intact_from_edited(small_report, tmp_path, capsys):
     assert main(["verify", str(small_report)]) == 0
     assert "intact sha256:" in capsys.readouterr().out
     rep = json.loads(small_report.read_text())
-    rep["results"][0]["status"] = "error"
+    was = rep["results"][0]["status"]
+    rep["results"][0]["status"] = "error"  # and the summary edited to match
+    rep["summary"][was] -= 1
+    rep["summary"]["error"] += 1
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(rep))
     assert main(["verify", str(small_report), str(edited)]) == 1
