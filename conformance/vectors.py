@@ -248,8 +248,9 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
     """One result record per (op, dtype) of the vectors, judging the outputs in
     ``results`` with the harness's comparison (the first failing case is the
     counterexample; the message counts the failing cases)."""
-    from . import harness
-    from .declare import CASES, Call, OpCases
+    from .calls import BackendError, Mismatch
+    from .declare import CASES, Call
+    from .record import Stats
 
     root, res_dir = Path(directory), Path(results)
     manifest = load_manifest(root)
@@ -259,7 +260,7 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
     out = []
     for (op, dt), cases in groups.items():
         t0 = time.perf_counter()
-        stats = harness.Stats()
+        stats = Stats()
         first: dict[str, Any] | None = None
         status, message, failing = "pass", "", 0
         for c in cases:
@@ -273,12 +274,12 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
             stats.examples += 1
             stats.begin()
             try:
-                _judge_case(c, call, got, root, dt, stats, CASES[op], OpCases, harness)
-            except harness.Mismatch as exc:
+                _judge_case(c, call, got, root, dt, stats, CASES[op])
+            except Mismatch as exc:
                 failing += 1
                 if first is None:
                     first = {"case": c["id"], "input": call, "message": str(exc)}
-            except harness.BackendError as exc:
+            except BackendError as exc:
                 first, status = {"case": c["id"], "input": call, "message": str(exc)}, "error"
                 message = f"{exc} (case {c['id']})"
                 break
@@ -294,61 +295,62 @@ def judge(directory: str | Path, results: str | Path, name: str) -> list[dict[st
             message = (f"{stats.unsupported} of {len(cases)} cases unsupported: "
                        f"{stats.unsupported_reason}")
         out.append(_record(name, op, dt, status, message, stats, first, manifest, root,
-                           res_dir, time.perf_counter() - t0, harness))
+                           res_dir, time.perf_counter() - t0))
     return out
 
 
 def _judge_case(c: dict[str, Any], call: Any, got: tuple[Any, ...], root: Path, dt: str,
-                stats: Any, oc: Any, op_cases: Any, harness: Any) -> None:
+                stats: Any, oc: Any) -> None:
+    """Judge one case's result files with the harness's comparison (raises the judge's
+    ``Mismatch`` or ``BackendError``)."""
+    from .calls import BackendError, as_result, output
+    from .declare import OpCases
+    from .judge import compare_outputs
+
     if len(got) != len(c["results"]):
-        raise harness.BackendError(f"{len(got)} result files, but should be "
-                                    f"{len(c['results'])}")
+        raise BackendError(f"{len(got)} result files, but should be {len(c['results'])}")
     for j, o in enumerate(c["outputs"]):
         if o["reference"] is None:
             continue
         ref = np.load(root / o["reference"], allow_pickle=False)
         base = np.load(root / o["baseline"], allow_pickle=False) if o["baseline"] else None
         files = o["perturbed"]
-        fixed = op_cases(c["op"], oc.strategy, lambda _c, k=o["k"]: k,
-                         (lambda _c, _cot, s=o["scale"]: s) if o["scale"] is not None else None,
-                         oc.compare)
-        g = harness.output(got[j], f"{c['op']}()")
-        harness.compare_outputs(fixed, call, g, harness.as_result(ref),
-                                 None if base is None else harness.as_result(base), dt, stats,
-                                 o["name"], pert=lambda files=files: [harness.as_result(
-                                     np.load(root / p, allow_pickle=False)) for p in files])
+        fixed = OpCases(c["op"], oc.strategy, lambda _c, k=o["k"]: k,
+                        (lambda _c, _cot, s=o["scale"]: s) if o["scale"] is not None else None,
+                        oc.compare)
+        g = output(got[j], f"{c['op']}()")
+        compare_outputs(fixed, call, g, as_result(ref),
+                        None if base is None else as_result(base), dt, stats,
+                        o["name"], pert=lambda files=files: [as_result(
+                            np.load(root / p, allow_pickle=False)) for p in files])
 
 
 def _record(name: str, op: str, dt: str, status: str, message: str, stats: Any,
             first: dict[str, Any] | None, manifest: dict[str, Any], root: Path, res_dir: Path,
-            duration: float, harness: Any) -> dict[str, Any]:
+            duration: float) -> dict[str, Any]:
+    """The check's result record (a :class:`~lmspec.conformance.record.CheckResult`)."""
     import lmspec
 
     from . import tolerance
+    from .record import CheckResult, jsonable, ratio_distribution
 
-    r: dict[str, Any] = {
-        "backend": name, "op": op, "dtype": dt, "check": "forward", "status": status,
-        "examples": stats.examples, "max_abs_err": harness.jsonable(stats.max_abs),
-        "max_rel_err": harness.jsonable(stats.max_rel),
-        "worst_ratio": harness.jsonable(stats.worst_ratio),
-        "tolerance": {"policy": tolerance.POLICY, "c_base": manifest["c_base"],
-                      "c_floor": manifest["c_floor"],
-                      "u": tolerance.floor_u(dt),
-                      "working_precision": tolerance.working_precision(dt),
-                      "u_dtype": lmspec._precision.UNIT_ROUNDOFF[dt],
-                      "at_worst": harness.jsonable(stats.worst_tol)},
-        "message": message, "counterexample": None, "reproduce": None,
-        "duration_s": round(duration, 3), "unsupported_examples": stats.unsupported,
-    }
+    r = CheckResult(
+        name, op, dt, "forward", status, stats.examples, jsonable(stats.max_abs),
+        jsonable(stats.max_rel), jsonable(stats.worst_ratio),
+        {"policy": tolerance.POLICY, "c_base": manifest["c_base"],
+         "c_floor": manifest["c_floor"], "u": tolerance.floor_u(dt),
+         "working_precision": tolerance.working_precision(dt),
+         "u_dtype": lmspec._precision.UNIT_ROUNDOFF[dt], "at_worst": jsonable(stats.worst_tol)},
+        message, duration_s=round(duration, 3), unsupported_examples=stats.unsupported)
     if stats.ambiguous:
-        r["ambiguous_examples"] = stats.ambiguous
-    dist = harness.ratio_distribution(stats.ratios)
+        r.extra["ambiguous_examples"] = stats.ambiguous
+    dist = ratio_distribution(stats.ratios)
     if dist:
-        r["ratio_distribution"] = dist
+        r.extra["ratio_distribution"] = dist
     if first is not None and status in ("fail", "error"):
-        r["counterexample"] = harness.jsonable(first)
-        r["reproduce"] = f"lmspec vectors check {root} {res_dir} --op {op} --dtype {dt}"
-    return r
+        r.counterexample = jsonable(first)
+        r.reproduce = f"lmspec vectors check {root} {res_dir} --op {op} --dtype {dt}"
+    return r.to_json()
 
 
 def load_manifest(root: Path) -> dict[str, Any]:
