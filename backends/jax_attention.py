@@ -193,6 +193,19 @@ MEAN_OF_VALUES = (
     "bfloat16; an error of max|mean v| (~0.1–1 for values drawn in [−2, 2]).")
 
 
+def half_intermediates(key: str, why: str, ratios: Mapping[str, float]) -> dict[str, Deviation]:
+    """Deviations ``key.format(dtype=d)`` for the half dtypes ``d`` in ``ratios``: the op, as
+    JAX runs it, rounds intermediates to ``d`` (``why``), so its examples are judged as if
+    computed in ``d``; ``ratios`` are the worst error/tolerance ratios measured under the
+    float32-intermediate gate (CONTRACT §6, 2026-12-06)."""
+    return {key.format(dtype=d): Deviation(
+        f"{why} Measured (jax 0.10.2, XLA CPU, 20 examples per check): worst error/tolerance "
+        f"{r:.3g} against the float32-intermediate model in {d}, while the same backend on "
+        f"the inputs widened to float32, its output rounded to {d}, conforms (worst ratio "
+        f"≤ 0.33): the difference is {d} intermediates. Judged at {d} working precision.",
+        bound=d) for d, r in ratios.items()}
+
+
 def _any_of(*preds: Any) -> Any:
     def applies(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
         return any(p(args, kwargs) for p in preds)

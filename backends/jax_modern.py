@@ -19,6 +19,7 @@ from lmspec.backends.jax_attention import (
     FLOAT32_SOFTMAX,
     MEAN_OF_VALUES,
     call_arguments,
+    half_intermediates,
     head_dims_matched,
     no_key_row,
 )
@@ -87,7 +88,19 @@ DEVIATIONS = {
         "(with softcap the op is composed in the input dtype); a query that sees no key is "
         "not covered in float64.", applies=_without_softcap, bound="float32")
     for check in ("forward", "vjp")
-}
+} | half_intermediates(
+    "gated_mlp/*/{dtype}",
+    "the matmuls x·W_gateᵀ, x·W_upᵀ (XLA's CPU dot at jax's default precision) and the "
+    "activation return arrays of the input dtype, rounded to it before the product and the "
+    "down projection.", {"float16": 5.38, "bfloat16": 9.22}) | half_intermediates(
+    "fused_linear_cross_entropy/*/{dtype}",
+    "composed as JAX code writes it: the logits hidden·weightᵀ (XLA's CPU dot at jax's "
+    "default precision) and jax.nn.log_softmax's log-probabilities are arrays of the input "
+    "dtype, rounded to it before the loss (measured: bfloat16 0.691 where the spec gives "
+    "1.313).", {"bfloat16": 90.6}) | half_intermediates(
+    "fused_linear_cross_entropy/vjp/{dtype}",
+    "its backward runs through the same half arrays (the logits' gradient is rounded to the "
+    "input dtype).", {"float16": 3.30})
 
 
 def rms_norm(x, weight=None, eps=1e-6):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lmspec.backends.jax_attention import half_intermediates
+
 NOTES = {
     "rnn_cell": "tanh(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh) with jnp.tanh or jax.nn.relu.",
     "lstm_cell": "jax.nn.sigmoid / jnp.tanh on the gate blocks i, f, g, o of "
@@ -28,6 +30,14 @@ NOTES = {
     "text_classifier_loss": "masked mean of jnp.take embeddings; binary cross-entropy with "
     "logits as −y·log_sigmoid(s) − (1−y)·log_sigmoid(−s) (jax.nn.log_sigmoid).",
 }
+
+
+DEVIATIONS = half_intermediates(
+    "lstm_cell/*/{dtype}",
+    "the cell's matmuls (XLA's CPU dot at jax's default precision) return the gate "
+    "pre-activations as arrays of the input dtype, and the gates and the cell state are "
+    "computed in it (rounded to it), as in any JAX code that runs the cell in that dtype.",
+    {"float16": 3.91, "bfloat16": 4.29})
 
 
 def _linear(x, W, b=None):
