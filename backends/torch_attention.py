@@ -183,7 +183,8 @@ _CPU = {
     "F.scaled_dot_product_attention's CPU backward for half tensors holds the probabilities "
     "and the gradients of the scores in the input dtype (measured: float16 grad q −1.22e-4 "
     "where the spec gives −2.8e-17). In this dtype's vjp the examples of the causal "
-    "scale ≤ 0 NaN deviation are judged at this bound instead.", {"float16": 256})
+    "scale ≤ 0 NaN deviation are judged at this bound instead.",
+    {"float16": 256, "bfloat16": 3.87})
 
 # -- single-query attention (composed) -------------------------------------------------
 

@@ -105,7 +105,7 @@ def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend
     devs = one_element_deviations("torch.softmax / torch.log_softmax / torch.logsumexp") | {
         key.format(op=op): dev
         for op, ratios in (("softmax", {"float16": 1.6, "bfloat16": 5.85}),
-                           ("logsumexp", {"bfloat16": 1.98}))
+                           ("logsumexp", {"float16": 1.33, "bfloat16": 1.98}))
         for key, dev in half_intermediates(
             "{{op}}/vjp/{dtype}", "The backward of torch.softmax / torch.logsumexp is "
             "computed from the forward's output, a tensor of the input dtype: the "
