@@ -19,6 +19,7 @@ import numpy as np
 import lmspec
 from lmspec.backends.onnxruntime_backend import Runtime, as_int64, elem_type, scalar_out
 from lmspec.backends.ort_attention import (
+    _F16_ATTENTION,
     _F64_ATTENTION,
     _arg,
     _check_scale,
@@ -74,6 +75,8 @@ def DEVIATIONS(provider: str) -> dict[str, Any]:  # noqa: N802 - the backend's D
             _F32_RMS_EPS + "Measured on mean(y²) = ms/(ms + ε): 2.6e-15 for ms ≫ ε, up to "
             "5.7e-10 where ms is comparable to ε (value 0.34); the forward check conforms.",
             lambda a, k: _f32_inexact(_arg("rms_norm", "eps", a, k))),
+        "grouped_query_attention/forward/float16": lmspec.Deviation(
+            _F16_ATTENTION.format(ratio=8.47), bound="float16"),
         "gated_mlp/forward/float64": lmspec.Deviation(
             _GELU_TANH_F64,
             lambda a, k: _arg("gated_mlp", "activation", a, k) == "gelu_tanh"),
