@@ -548,11 +548,15 @@ def test_distillation_temperatures_keep_log_probabilities_in_range():
 
 
 def test_grid_property_skips_cuts_inside_a_rounding_tie():
-    # 0 vs 0.0006 at T = 3 differ by 1e-4 in probability, below float16's resolution
+    # 0 vs 0.0006 at T = 3 differ by 1e-4 in probability: below float16's resolution, but
+    # float16 logits are exact and the probabilities are computed in float32 (CONTRACT §6),
+    # so the float16 property resolves the cut at float32's floor and skips only closer ones
     near = np.array([0.0, 0.0006, 0.0006])
     _, margin = ct._filtered_np(near, 3.0, 0, 0.0)
-    eps = floor("float16", 3, ct._probability_scale(near, 3.0))
-    assert margin <= eps and margin > floor("float64", 3, 1.0)
+    scale = ct._probability_scale(near, 3.0)
+    assert margin <= floor("float16", 3, scale, "float16")
+    assert margin > floor("float16", 3, scale) == floor("float32", 3, scale)
+    assert margin > floor("float64", 3, 1.0)
     # equal logits are ordered by id exactly in any dtype: no ambiguity at that cut
     q, margin = ct._filtered_np(np.array([0.0, 0.0, -1.0]), 1.0, 1, 1.0)
     assert q.tolist() == [1.0, 0.0, 0.0] and margin > 0.2
