@@ -168,6 +168,7 @@ def test_an_unusable_report_dir_is_refused_before_the_first_check(tmp_path, make
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
 def test_a_missing_report_dir_is_created_and_reports_are_readable(tmp_path):
     d = tmp_path / "new" / "deeper"
     r = _lmspec("run", "--backend", "torch-cpu", "--op", "softmax", "--dtype", "float64",

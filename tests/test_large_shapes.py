@@ -32,6 +32,7 @@ def test_large_tier_examples(profile, max_examples, want):
     assert Settings(profile, 7).examples == 7
 
 
+@pytest.mark.slow
 def test_large_tier_runs_through_the_cli(tmp_path, capsys):
     code = main(["run", "--backend", "torch-cpu", "--shapes", "large", "--dtype", "float32",
                  "--op", "scaled_dot_product_attention", "--op", "layer_norm",

@@ -55,6 +55,7 @@ def test_without_the_option_the_plugin_adds_and_imports_nothing(tmp_path):
     assert "lmspec" in pytest_run(tmp_path, "--help").stdout  # the options exist
 
 
+@pytest.mark.slow
 def test_one_item_per_check_failures_with_counterexample_under_xdist_and_junit(tmp_path):
     p = pytest_run(tmp_path, "--lmspec-backend", "numpy-example-buggy", *SELECT, "-n", "2",
                    "--junitxml", "out.xml", "-rf")

@@ -29,6 +29,7 @@ def test_shards_cover_the_selection_once():
         parse_shard("0/4")
 
 
+@pytest.mark.slow
 def test_merging_four_shards_gives_the_unsharded_report(tmp_path, capsys):
     assert main([*SELECTION, "--report-dir", str(tmp_path / "all")]) == 0
     for k in range(1, 5):
