@@ -18,6 +18,8 @@ import pytest
 from lmspec.backends import sandbox
 from lmspec.conformance import report
 
+pytestmark = pytest.mark.slow  # end-to-end runs (CI runs them: pytest -m slow)
+
 TESTS = Path(__file__).parent
 if str(TESTS) not in sys.path:  # the hostile plugins' tables of attacks
     sys.path.insert(0, str(TESTS))
