@@ -101,9 +101,11 @@ class Entry:
                "version": self.source.version, "status": self.status, "info": self.info}
         devs = self.descriptor.get("deviations") or {}
         if devs:  # every declared deviation: key, reason, predicate?, bound (CONTRACT §3)
-            row["deviations"] = [{"key": k, "reason": d.get("reason", ""),
-                                  "predicate": bool(d.get("predicate")),
-                                  "bound": d.get("bound")} for k, d in sorted(devs.items())]
+            row["deviations"] = [{"key": k, "reason": p.get("reason", ""),
+                                  "predicate": bool(p.get("predicate")),
+                                  "bound": p.get("bound")}
+                                 for k, d in sorted(devs.items())
+                                 for p in d.get("parts", [d])]
         precision = self.descriptor.get("precision") or {}
         if precision:
             row["precision"] = dict(precision)

@@ -116,7 +116,15 @@ def deviation_descriptor(key: str, dev: Any) -> dict[str, Any]:
     """What the judge needs of one declared deviation: its reason, whether it has a
     predicate (evaluated here, in the host) and its bound (CONTRACT §3). A key that names
     no op, check form or dtype, and a deviation with neither predicate nor bound (a plain
-    string included), are refused with a ``ValueError`` that says why."""
+    string included), are refused with a ``ValueError`` that says why.
+
+    A key may hold several deviations (a tuple or list of them, each bounded): an example
+    is excused when any of them excuses it; the descriptor lists them as ``parts``."""
+    if isinstance(dev, (tuple, list)):
+        if not dev:
+            raise ValueError(f"deviation {key!r}: an empty list of deviations")
+        parts = [deviation_descriptor(key, d) for d in dev]
+        return {"reason": cut("; ".join(p["reason"] for p in parts)), "parts": parts}
     import lmspec
     from lmspec._precision import DTYPES
     from lmspec.backend import WORKING_PRECISIONS
@@ -209,8 +217,11 @@ class Host:
         changed = [path for path, fp in before.items() if after.get(path) != fp]
         return out, changed
 
-    def applies(self, name: str, key: str, args: tuple, kwargs: dict) -> bool:
+    def applies(self, name: str, key: str, args: tuple, kwargs: dict,
+                part: int | None = None) -> bool:
         dev = dict(getattr(self.backend(name), "deviations", None) or {})[key]
+        if part is not None:  # one of several deviations under the key
+            dev = dev[part]
         return bool(dev.applies(args, kwargs))
 
     def handle(self, request: tuple) -> tuple[dict[str, Any], list[Any]]:

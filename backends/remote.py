@@ -339,8 +339,7 @@ class RemoteBackend:
         self.dtypes: tuple[str, ...] = tuple(descriptor.get("dtypes", ()))
         self.implements = frozenset(descriptor.get("implements", ()))
         self.precision: dict[str, str] = dict(descriptor.get("precision", {}))
-        self.deviations = {key: _RemoteDeviation(self, key, d["reason"], d["predicate"],
-                                                 d.get("bound"))
+        self.deviations = {key: _remote_deviation(self, key, d)
                            for key, d in descriptor.get("deviations", {}).items()}
         if descriptor.get("vjp"):
             self.vjp = self._method("vjp")
@@ -376,13 +375,27 @@ class RemoteBackend:
         return dict(self.host.request(("info", self.name)))
 
 
+def _remote_deviation(backend: RemoteBackend, key: str, d: dict[str, Any]) -> Any:
+    """The judge's stand-in for a declared deviation (or a tuple of them, ``parts``)."""
+    if "parts" in d:
+        return tuple(_RemoteDeviation(backend, key, p["reason"], p["predicate"],
+                                      p.get("bound"), i) for i, p in enumerate(d["parts"]))
+    return _RemoteDeviation(backend, key, d["reason"], d["predicate"], d.get("bound"))
+
+
 class _RemoteDeviation:
     def __init__(self, backend: RemoteBackend, key: str, reason: str, predicate: bool,
-                 bound: float | str | None = None):
+                 bound: float | str | None = None, part: int | None = None):
         self.reason = reason
         self.bound = bound
-        self.applies = (lambda args, kwargs: _strict_bool(backend.host.request(
-            ("applies", backend.name, key, tuple(args), dict(kwargs))))) if predicate else None
+        request = ("applies", backend.name, key) if part is None else None
+
+        def applies(args: Any, kwargs: Any) -> bool:
+            message = ((*request, tuple(args), dict(kwargs)) if request else
+                       ("applies", backend.name, key, tuple(args), dict(kwargs), part))
+            return _strict_bool(backend.host.request(message))
+
+        self.applies = applies if predicate else None
 
 
 def _strict_bool(value: Any) -> bool:

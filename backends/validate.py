@@ -90,18 +90,31 @@ def descriptor(raw: Any, fallback: str) -> tuple[dict[str, Any], str]:
         devs = {}
     checked = {}
     for key, d in devs.items():
-        why = _deviation_problem(key, d, lmspec.OPS, DTYPES, WORKING_PRECISIONS)
+        several = isinstance(d, dict) and "parts" in d  # several deviations under one key
+        parts = d["parts"] if several else [d]
+        if several and not (isinstance(parts, list) and 0 < len(parts) <= MAX_PARTS):
+            problems.append(f"deviation {_text(key, 100)!r}: malformed list of deviations")
+            break
+        why = next((w for p in parts
+                    if (w := _deviation_problem(key, p, lmspec.OPS, DTYPES, WORKING_PRECISIONS))),
+                   "")
         if why:
             problems.append(why)
             break
-        checked[key] = {"reason": _text(d["reason"]), "predicate": d["predicate"],
-                        "bound": d.get("bound")}
+        clean = [{"reason": _text(p["reason"]), "predicate": p["predicate"],
+                  "bound": p.get("bound")} for p in parts]
+        checked[key] = ({"reason": _text("; ".join(p["reason"] for p in clean)),
+                         "parts": clean} if several else clean[0])
     if problems:
         return out, "failed to load: " + "; ".join(problems[:3])
     out.update(device=device, dtypes=list(dtypes), implements=list(impl),
                vjp=bool(raw.get("vjp", False)), deviations=checked,
                precision={d: p for d, p in precision.items() if d != p})
     return out, "ok"
+
+
+MAX_PARTS = 16
+"""The most deviations one key may hold."""
 
 
 def _deviation_problem(key: Any, d: Any, ops: Any, dtypes: Any, precisions: Any) -> str:

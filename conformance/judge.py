@@ -190,21 +190,29 @@ def deviation_key(deviations: Mapping[str, Any], t: Target) -> str | None:
 
 
 def deviation_for(deviations: Mapping[str, Any], t: Target) -> Any:
-    """The declared deviation for this target (see :func:`deviation_key`), or ``None``.
-    A deviation with neither a predicate nor a bound (a plain reason string among them)
-    covers nothing: the backend loader refuses it, and it is never applied here."""
+    """The declared deviation for this target (see :func:`deviation_key`): a deviation, a
+    tuple of them (several under one key), or ``None``. A deviation with neither a
+    predicate nor a bound (a plain reason string among them) covers nothing: the backend
+    loader refuses it, and it is never applied here."""
     key = deviation_key(deviations, t)
     dev = None if key is None else deviations[key]
-    if dev is None or (getattr(dev, "applies", None) is None
-                       and getattr(dev, "bound", None) is None):
-        return None
-    return dev
+    if isinstance(dev, (tuple, list)):
+        parts = tuple(d for d in dev if _bounded(d))
+        return parts or None
+    return dev if dev is not None and _bounded(dev) else None
+
+
+def _bounded(dev: Any) -> bool:
+    return getattr(dev, "applies", None) is not None or getattr(dev, "bound", None) is not None
 
 
 def excused(dev: Any, drawn: Any, judge: Callable[[Gate, Stats], None]) -> bool:
     """Does the deviation excuse this example? It must cover it (its predicate) and,
     with a bound, the example must pass at the bound's gate: a ratio (error up to
-    ``bound`` × the tolerance) or a working precision (judged as if computed in it)."""
+    ``bound`` × the tolerance) or a working precision (judged as if computed in it).
+    Several deviations under one key excuse what any of them excuses."""
+    if isinstance(dev, tuple):
+        return any(excused(d, drawn, judge) for d in dev)
     if not covers(dev, drawn):
         return False
     bound = getattr(dev, "bound", None)
@@ -235,7 +243,11 @@ def covers(dev: Any, drawn: Any) -> bool:
 
 def describe_deviation(key: str | None, dev: Any) -> dict[str, Any]:
     """A declared deviation as reports list it: key, reason, whether it has a predicate,
-    and its bound (a ratio, a working precision, or ``None``)."""
+    and its bound (a ratio, a working precision, or ``None``); several under one key as
+    ``parts``."""
+    if isinstance(dev, tuple):
+        parts = [describe_deviation(key, d) for d in dev]
+        return {"key": key, "reason": "; ".join(p["reason"] for p in parts), "parts": parts}
     bound = getattr(dev, "bound", None)
     return {"key": key, "reason": str(getattr(dev, "reason", dev)),
             "predicate": getattr(dev, "applies", None) is not None,

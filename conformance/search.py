@@ -403,9 +403,10 @@ def verdict(done: Callable[..., dict[str, Any]], stats: Stats,
     """The status of a check whose search raised nothing (CONTRACT §5 statuses; a pass
     with fewer than :data:`MIN_CHECKED_FRACTION` of its examples checked is partial)."""
     if stats.deviated:
-        dev = deviation_for(deviations or {}, target)
-        result.extra["deviation_reason"] = getattr(dev, "reason", str(dev))
-        result.extra["deviation"] = describe_deviation(deviation_key(deviations or {}, target), dev)
+        described = describe_deviation(deviation_key(deviations or {}, target),
+                                       deviation_for(deviations or {}, target))
+        result.extra["deviation_reason"] = described["reason"]
+        result.extra["deviation"] = described
         msg = (stats.deviation or {}).get("message", "")
         return done("deviation", f"{msg} ({stats.deviated} of "
                     f"{stats.examples} examples deviate as declared)")

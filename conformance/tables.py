@@ -66,9 +66,11 @@ def precision_note(r: dict[str, Any]) -> str:
     """The working precision a verdict was judged at where it is not the dtype's own
     (CONTRACT §6): a declared engine mode (``at tf32``) or the precision bound of the
     deviation that excused it (``at float16``); ``""`` otherwise."""
-    bound = (r.get("deviation") or {}).get("bound")
-    if r["status"] == "deviation" and isinstance(bound, str):
-        return f"at {bound}"
+    dev = r.get("deviation") or {}
+    bounds = [p.get("bound") for p in dev.get("parts", [dev])]
+    precisions = sorted({b for b in bounds if isinstance(b, str)})
+    if r["status"] == "deviation" and precisions:
+        return "at " + " or ".join(precisions)
     return f"at {r['precision']}" if r.get("precision") else ""
 
 

@@ -55,7 +55,10 @@ class Deviation:
       predicate alone decides).
 
     An example that the predicate excludes, or whose error exceeds the bound, is judged
-    as usual and can ``fail``. A deviation with neither a predicate nor a bound would
+    as usual and can ``fail``. A key may also hold a tuple of deviations (a working-
+    precision bound for an engine's half-precision intermediates beside a predicate for
+    the inputs where it returns NaN): an example is excused when any of them excuses it.
+    A deviation with neither a predicate nor a bound would
     excuse every example of a check, whatever the error: it is refused (``ValueError``
     here; a plain-string deviation is refused when the backend loads).
     """

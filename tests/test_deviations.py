@@ -306,3 +306,61 @@ def test_the_example_packages_load(tmp_path):
     pytest.importorskip("torch")
     for key, dev in KernelBackend("k", "cpu", ("float16",)).deviations.items():
         deviation_descriptor(key, dev)
+
+
+# -- several deviations under one key -------------------------------------------------------
+
+SEVERAL = '''
+import numpy as np
+import lmspec
+
+def one_element(args, kwargs):
+    return args[0].shape[kwargs.get("axis", -1)] == 1
+
+class B:
+    """softmax with a float16 accumulator, and NaN over a one-element axis."""
+    name, device, dtypes = "several-deviations", "cpu", ("float16",)
+    deviations = {"softmax/forward/float16": (
+        lmspec.Deviation("a float16 accumulator", bound="float16"),
+        lmspec.Deviation("NaN over a one-element axis", applies=one_element))}
+
+    def softmax(self, x, axis=-1):
+        if x.shape[axis] == 1:
+            return np.full_like(x, np.nan)
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+@lmspec.hookimpl
+def register_backends(register):
+    register(B())
+'''
+
+
+def test_a_key_may_hold_several_deviations_and_any_of_them_excuses(tmp_path):
+    """Through the backend host: the bound and the predicate each excuse their own
+    examples, and the report lists both under the key."""
+    (tmp_path / "several_deviations_plugin.py").write_text(SEVERAL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "LMSPEC_PLUGINS": "several_deviations_plugin", "LMSPEC_SANDBOX": "none"}
+    out = subprocess.run([sys.executable, "-m", "lmspec", "run", "--backend",
+                          "several-deviations", "--op", "softmax", "--check", "forward",
+                          "--max-examples", "40", "--report-dir", str(tmp_path / "r")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (path,) = (tmp_path / "r").glob("*.json")
+    rep = json.loads(path.read_text())
+    (r,) = rep["results"]
+    assert r["status"] == "deviation"
+    assert [p["bound"] for p in r["deviation"]["parts"]] == ["float16", None]
+    (b,) = rep["backends"]
+    assert [(d["key"], d["bound"], d["predicate"]) for d in b["deviations"]] == [
+        ("softmax/forward/float16", "float16", False), ("softmax/forward/float16", None, True)]
+
+
+def test_several_deviations_excuse_no_more_than_their_union():
+    one = lmspec.Deviation("NaN over one element", applies=lambda a, k: a[0].shape[-1] == 1)
+    small = lmspec.Deviation("a little off", bound=3.0)
+    b = Softmax(error=lambda x: 1e-3 * np.ones_like(x),
+                deviations={"softmax/forward": (one, small)})
+    assert _run(b)["status"] == "fail"  # 1e-3 is far beyond 3× the float64 tolerance
