@@ -9,6 +9,8 @@ import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "lmspec.conformance.pytest_lmspec"
 
