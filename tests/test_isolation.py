@@ -150,7 +150,7 @@ def test_a_signal_leaves_an_incomplete_report_with_every_finished_check(tmp_path
     assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
     rep = _only_report(tmp_path)
     assert rep["incomplete"] is True
-    done = [x for x in rep["results"] if x["status"] == "pass"]
+    done = [x for x in rep["results"] if x["status"] in ("pass", "deviation")]
     assert len(done) >= 3
     skipped = [x for x in rep["results"] if x["status"] == "skipped"]
     assert skipped and all(x["message"].startswith("interrupted") for x in skipped)
