@@ -95,7 +95,9 @@ def _descriptor(entry: Any) -> dict[str, Any]:
                                                             or {}).items()}
     except Exception:  # noqa: BLE001 - a malformed declaration declares nothing
         d["precision"] = {}
-    d["implements"] = [op for op in lmspec.OPS if _callable_attr(b, op)]
+    from lmspec.sampling import SAMPLERS
+
+    d["implements"] = [op for op in (*lmspec.OPS, *SAMPLERS) if _callable_attr(b, op)]
     d["vjp"] = _callable_attr(b, "vjp")
     try:
         devs = dict(getattr(b, "deviations", None) or {})

@@ -37,6 +37,7 @@ import numpy as np
 
 import lmspec
 from lmspec._precision import DTYPES
+from lmspec.sampling import SAMPLERS
 
 _CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
 _OPS_KEPT = 3
@@ -211,6 +212,11 @@ class JaxBackend:
         return out
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
+        if op in SAMPLERS:  # draw_tokens, draw_speculative: jitted in jax_sampling (§2)
+            mod = self._modules.get("sampling")
+            if mod is None or not hasattr(mod, "sampler_backend"):
+                raise AttributeError(f"{self.name} does not implement {op}")
+            return getattr(mod.sampler_backend(self), op)
         if op.startswith("_") or op not in lmspec.OPS:
             raise AttributeError(op)
         if op not in self._impls:

@@ -28,7 +28,7 @@ ENTRY_POINT_GROUP = "lmspec"
 BUILTIN_PLUGIN = "lmspec.backends.builtin"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 BUILTIN_NAMES = ("torch-cpu", "torch-cuda", "torch-cuda-tf32", "jax-cpu", "jax-cuda",
-                 "onnxruntime-cpu", "onnxruntime-cuda")
+                 "onnxruntime-cpu", "onnxruntime-cuda", "transformers-cpu")
 """Names reserved for the built-in plugin (CONTRACT §3): any other plugin registering one
 is refused, whatever the order in which plugins load."""
 

@@ -67,9 +67,11 @@ def descriptor(raw: Any, fallback: str) -> tuple[dict[str, Any], str]:
     if not isinstance(dtypes, list) or not all(isinstance(d, str) and d in DTYPES
                                                for d in dtypes):
         problems.append(f"backend.dtypes must be a tuple of {sorted(DTYPES)}")
-    if not isinstance(impl, list) or not all(isinstance(o, str) and o in lmspec.OPS
-                                             for o in impl):
-        problems.append("the implemented ops must be catalogue ops")
+    from lmspec.sampling import SAMPLERS
+
+    if not isinstance(impl, list) or not all(isinstance(o, str) and (o in lmspec.OPS or o in
+                                                                     SAMPLERS) for o in impl):
+        problems.append("the implemented ops must be catalogue ops or sampler methods")
     if not isinstance(raw.get("vjp", False), bool):
         problems.append("malformed vjp flag")
     precision = raw.get("precision", {})
