@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.torch_attention import call_arguments, half_intermediates
+from lmspec.backends.torch_attention import (
+    call_arguments,
+    half_intermediates,
+    with_broader_predicates,
+)
 
 
 def softmax(x, axis=-1):
@@ -112,7 +116,7 @@ def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend
             "probabilities it uses are rounded to it (measured: float16 softmax over [3, 0] "
             "with cotangent [1, 0] gives 0.0451050 where the spec gives 0.0451767, = y(1 − y) "
             "of the float16-rounded y = 0.952637). A one-element axis holding ±inf (NaN, "
-            "declared for the op) is not covered in this dtype's vjp.", ratios).items()
+            "declared for the op) keeps its predicate beside this bound.", ratios).items()
     } | half_intermediates(
         "logsumexp/forward/{dtype}",
         "torch.logsumexp's CPU kernel for half tensors sums exp(x − max) in the input dtype: "
@@ -127,11 +131,8 @@ def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend
         "and torch.exp of that rounded mean amplifies its rounding by the perplexity's "
         "magnitude.", {"float16": 8.16, "bfloat16": 4.76})
     if device != "cpu":
-        return devs
-    # one deviation per key: in float16's forward the half-precision bound is the one that
-    # covers most examples; the smoothing overflow (smoothing_overflows) is judged at it
-    return {**devs, **half_intermediates(
-        "cross_entropy/forward/{dtype}",
-        "F.cross_entropy is nll_loss(log_softmax(z)) on the CPU: the log-probabilities are a "
-        "tensor of the input dtype (rounded to it) before the pick and the mean. Also: "
-        + SMOOTHING_OVERFLOW + " (examples judged at this bound).", {"float16": 135})}
+        return with_broader_predicates(devs)
+    # float16's forward: the half-precision bound beside the smoothing overflow's predicate
+    ce = devs["cross_entropy/*/float16"]
+    return with_broader_predicates({**devs, "cross_entropy/forward/float16": (
+        ce, Deviation(SMOOTHING_OVERFLOW, applies=smoothing_overflows))})

@@ -17,6 +17,7 @@ pytest.importorskip("torch")
 import torch
 
 import lmspec
+from lmspec.backends import torch_attention as ta
 from lmspec.backends.torch_backend import TorchBackend
 from lmspec.conformance.oracles import finite_difference_vjp
 
@@ -296,11 +297,29 @@ def _cases():
 CASES = list(_cases())
 
 
+def _queries_without_key(valid, length, causal):
+    """``[B, L]``: the queries that see no key (all keys invalid, or causally only invalid
+    ones)."""
+    valid = np.asarray(valid, dtype=bool)
+    sees = np.broadcast_to(valid[:, None, :], (valid.shape[0], length, valid.shape[1]))
+    if causal:
+        sees = sees & np.tril(np.ones((length, valid.shape[1]), dtype=bool))
+    return ~sees.any(axis=-1)
+
+
 @pytest.mark.parametrize("op, args, kwargs", CASES, ids=[c[0] for c in CASES])
 def test_torch_backend_matches_reference(op, args, kwargs):
-    ref = lmspec.OPS[op].reference(*args, **kwargs)
+    ref = want = lmspec.OPS[op].reference(*args, **kwargs)
     got = getattr(BACKEND, op)(*args, **kwargs)
-    for g, w in zip(_flat(got), _flat(ref), strict=True):
+    if op == "transformer_encoder_layer" and ta._encoder_fast_path_no_key(args, kwargs):
+        # the declared deviation: the fast path's NaN exactly for the queries that see no
+        # key (all their outputs), the spec's values everywhere else
+        blind = _queries_without_key(args[3], args[0].shape[1], kwargs["is_causal"])
+        assert blind.any()
+        assert np.array_equal(np.isnan(got).all(axis=-1), blind) and not np.isnan(
+            got[~blind]).any()
+        got, want = got[~blind], ref[~blind]
+    for g, w in zip(_flat(got), _flat(want), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-12, rtol=0)
     if not lmspec.OPS[op].diff:
         return
@@ -313,8 +332,8 @@ def test_torch_backend_matches_reference(op, args, kwargs):
 
 
 def test_encoder_forward_takes_torch_fast_path():
-    """Even head count, no autograd: torch._transformer_encoder_layer_fwd runs; with a query
-    that sees no key the backend switches the fast path off (it would return NaN)."""
+    """Even head count, no autograd: torch._transformer_encoder_layer_fwd runs, also with a
+    query that sees no key (torch's NaN there is the declared deviation, not corrected)."""
     real = torch._transformer_encoder_layer_fwd
     calls: list[int] = []
 
@@ -329,16 +348,19 @@ def test_encoder_forward_takes_torch_fast_path():
         BACKEND.transformer_encoder_layer(x, w, 2, None, is_causal=True, norm_first=True)
         assert len(calls) == 2
         out = BACKEND.transformer_encoder_layer(x, w, 2, KEY_VALID)
-        assert len(calls) == 2 and np.all(np.isfinite(out))
+        assert len(calls) == 3
+        blind = _queries_without_key(KEY_VALID, 4, False)
+        assert np.isnan(out[blind]).all() and np.isfinite(out[~blind]).all()
+        assert ta._encoder_fast_path_no_key((x, w, 2, KEY_VALID), {})
         BACKEND.transformer_encoder_layer(x, w, 3, ENC_VALID)  # odd heads: ordinary path
-        assert len(calls) == 2
+        assert len(calls) == 3
         BACKEND.vjp("transformer_encoder_layer", (x, w, 2, ENC_VALID), {}, r(B, 4, D))
-        assert len(calls) == 2
+        assert len(calls) == 3
 
 
 def test_torch_fast_path_gives_nan_for_a_query_with_no_key():
     """The reason for the fix-up: documents torch's own answer (NOTES of the backend)."""
-    from lmspec.backends import torch_attention as ta
+
 
     x, w = r(B, 4, D), encoder_weights()
     args = [torch.tensor(a) for a in w]
@@ -359,12 +381,21 @@ def test_positional_encoding_float32_dtype():
 
 def test_sdpa_negative_scale_with_causal():
     """torch's CPU flash kernel returns NaN for is_causal with a negative scale (rows with
-    masked keys); the backend passes the causal mask explicitly then (NOTES)."""
+    masked keys): the backend returns torch's answer, a declared deviation; with the causal
+    mask passed explicitly torch is correct."""
     q, k, v = r(1, 2, 2, 3), r(1, 2, 4, 3), r(1, 2, 4, 3)
     raw = torch.nn.functional.scaled_dot_product_attention(
         torch.tensor(q), torch.tensor(k), torch.tensor(v), is_causal=True, scale=-0.5)
     spec = lmspec.scaled_dot_product_attention(q, k, v, is_causal=True, scale=-0.5)
     got = BACKEND.scaled_dot_product_attention(q, k, v, is_causal=True, scale=-0.5)
-    np.testing.assert_allclose(got, spec, atol=1e-12)
-    if torch.isnan(raw).any():  # torch's own answer, recorded in the backend's NOTES
-        assert torch.isnan(raw[..., 0, :]).all()
+    np.testing.assert_array_equal(got, raw.numpy())  # NaN where torch gives NaN
+    assert np.isnan(got[..., 0, :]).all() and np.isfinite(spec).all()
+    rows = ~np.isnan(got).any(axis=-1)
+    np.testing.assert_allclose(got[rows], spec[rows], atol=1e-12)
+    dev = BACKEND.deviations["scaled_dot_product_attention"]
+    assert dev.applies((q, k, v), {"is_causal": True, "scale": -0.5})
+    assert not dev.applies((q, k, v), {"is_causal": True, "scale": 0.5})
+    causal = np.tril(np.ones((2, 4), dtype=bool))  # the same mask, explicit: correct
+    np.testing.assert_allclose(BACKEND.scaled_dot_product_attention(q, k, v, causal,
+                                                                    scale=-0.5), spec,
+                               atol=1e-12)

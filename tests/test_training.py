@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import lmspec
 from lmspec import training as tr
+from lmspec.backends import torch_training as tt
 from lmspec.backends.torch_backend import TorchBackend
 from lmspec.conformance import cases_training as ct
 from lmspec.conformance.declare import Call
@@ -354,8 +355,12 @@ def test_bad_input_raises_value_error_naming_op_and_argument(op, args, kwargs, a
 
 def test_backend_kl_and_distillation_match_reference():
     lp = _log_softmax(RNG.normal(size=(3, 4)))
-    lp[1, 2] = -np.inf
     lq = _log_softmax(RNG.normal(size=(3, 4)))
+    absent = lp.copy()
+    absent[1, 2] = -np.inf  # p = 0: F.kl_div's 0·∞ term is NaN, the declared deviation
+    assert tt.kl_nan_terms((absent, lq), {}) and not tt.kl_nan_terms((lp, lq), {})
+    assert np.isnan(BACKEND.kl_divergence(absent, lq))
+    assert np.isfinite(lmspec.kl_divergence(absent, lq))
     assert BACKEND.kl_divergence(lp, lq) == pytest.approx(lmspec.kl_divergence(lp, lq),
                                                            rel=1e-13)
     for got, want in zip(BACKEND.vjp("kl_divergence", (lp, lq), {}, np.array(0.5)),
@@ -387,7 +392,11 @@ def test_backend_clip_mlm_and_sampling_match_reference():
 
 
 def test_backend_documents_the_clipping_deviation():
-    assert "1e-6" in BACKEND.deviations["clip_grad_norm/forward"]
+    clip = BACKEND.deviations["clip_grad_norm"]
+    assert "1e-6" in clip.reason and clip.applies is tt.clip_differs
+    # in the half dtypes the predicate stands beside the coefficient's rounding bound
+    half = LOWP.deviations["clip_grad_norm/forward/float16"]
+    assert [d.bound for d in half] == ["float16", None] and half[1] is clip
     assert "kl_divergence" in BACKEND.info()["notes"]
 
 
@@ -522,11 +531,15 @@ def test_backend_distillation_in_float16_shifts_before_dividing_and_masks_zero_p
     assert float(LOWP.distillation_loss(s, t, y, **kw)) == 0.0
     grads = LOWP.vjp("distillation_loss", (s, t, y), kw, np.array(1.0, F16))
     assert all(np.all(g == 0) for g in grads[:2])
-    # the teacher's (−3400)/0.05 overflows to −inf, p = 0 there: the term counts 0, not NaN
+    # the teacher's (−3400)/0.05 overflows to −inf, p = 0 there: the spec counts the term
+    # 0, F.kl_div gives 0·∞ = NaN (declared: distillation_nan_terms)
     s, t = np.array([[0.0, 0.0]], F16), np.array([[-1700.0, 1700.0]], F16)
     got = float(LOWP.distillation_loss(s, t, np.array([1]), **kw))
     want = float(lmspec.distillation_loss(s.astype(float), t.astype(float), np.array([1]), **kw))
-    assert got == pytest.approx(want, abs=floor("float16", 2, 1.0))
+    assert np.isnan(got) and np.isfinite(want)
+    assert tt.distillation_nan_terms((s, t, np.array([1])), kw)
+    assert any(d.applies is not None and d.applies((s, t, np.array([1])), kw)
+               for d in LOWP.deviations["distillation_loss/forward/float16"])
 
 
 def test_torch_clip_in_float16_turns_zero_gradients_into_nan_as_documented():
@@ -535,8 +548,12 @@ def test_torch_clip_in_float16_turns_zero_gradients_into_nan_as_documented():
     param.grad = torch.zeros(3, dtype=torch.float16)
     torch.nn.utils.clip_grad_norm_([param], 0.0)
     assert torch.isnan(param.grad).all()
-    assert "reciprocal" in LOWP.deviations["clip_grad_norm/one_common_factor/float16"]
-    assert "(3) in float16" in LOWP.deviations["clip_grad_norm/forward"]
+    clip = LOWP.deviations["clip_grad_norm"]
+    assert "reciprocal" in clip.reason and "(3) in float16" in clip.reason
+    zeros = (np.zeros(3, F16),)
+    assert clip.applies((zeros, 0.0), {})
+    assert any(d.applies is not None and d.applies((zeros, 0.0), {})
+               for d in LOWP.deviations["clip_grad_norm/forward/float16"])
 
 
 def test_distillation_temperatures_keep_log_probabilities_in_range():
@@ -569,4 +586,6 @@ def test_torch_kl_div_backward_overflows_in_float16_as_documented():
     F.kl_div(lq, lp, reduction="none", log_target=True).backward(
         torch.full((1, 2), 56.25, dtype=torch.float16))
     assert torch.isinf(lp.grad[0, 1]) and 56.25 * 0.5 * 1167 < 65504
-    assert "65504" in LOWP.deviations["distillation_loss/vjp/float16"]
+    bound, *predicates = LOWP.deviations["distillation_loss/vjp/float16"]
+    assert bound.bound == "float16"
+    assert any("65504" in d.reason and d.applies is not None for d in predicates)
