@@ -36,12 +36,17 @@ class NumpyBackend:
         return {"numpy": np.__version__, "package": f"lmspec-example-numpy {__version__}"}
 
     # p_i = exp(x_i − m) / Σ_j exp(x_j − m), m = max_j x_j (the shift cancels exactly)
+    # (over a one-element axis p = 1 whatever x is, −inf included: CONTRACT §6)
     def softmax(self, x, axis=-1):
+        if x.shape[axis] == 1:
+            return np.ones_like(x)
         e = np.exp(x - _max(x, axis))
         return e / e.sum(axis=axis, keepdims=True)
 
     # log p_i = x_i − m − log Σ_j exp(x_j − m)
     def log_softmax(self, x, axis=-1):
+        if x.shape[axis] == 1:  # log 1 = 0 whatever x is (CONTRACT §6)
+            return np.zeros_like(x)
         z = x - _max(x, axis)
         return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 

@@ -13,10 +13,14 @@ class NumpyCore:
     dtypes = ("float32", "float64")
 
     def softmax(self, x, axis=-1):
+        if x.shape[axis] == 1:  # one element: 1, -inf included (CONTRACT §6, 2026-12-06)
+            return np.ones_like(x)
         e = np.exp(x - np.max(x, axis=axis, keepdims=True))
         return e / e.sum(axis=axis, keepdims=True)
 
     def log_softmax(self, x, axis=-1):
+        if x.shape[axis] == 1:  # one element: 0 (CONTRACT §6, 2026-12-06)
+            return np.zeros_like(x)
         m = np.max(x, axis=axis, keepdims=True)
         m = np.where(np.isfinite(m), m, 0)
         return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
