@@ -119,6 +119,18 @@ def _encoder_fast_path_no_key(args: Sequence[Any], kwargs: Mapping[str, Any]) ->
     return bool((~kv.any(axis=1)).any())
 
 
+def offset_residual_stream(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """The layer's input ``x`` (its residual stream) sits around a large common offset:
+    ``|mean(x)| ≥ 50`` (the conformance strategy draws offsets of 100 and −300 with a
+    spread of ±2, and ``|mean(x)| ≤ 2`` otherwise)."""
+    x = np.asarray(args[0] if args else kwargs["x"]).astype(np.float64)
+    return bool(x.size and abs(float(x.mean())) >= 50)
+
+
+def not_offset_residual_stream(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    return not offset_residual_stream(args, kwargs)
+
+
 HALF = ("float16", "bfloat16")
 
 
@@ -177,6 +189,26 @@ _CPU = {
         "one sequence makes all its outputs NaN; with is_causal and key 0 invalid, output 0 "
         "is NaN, the others correct; the other sequences and 1 head are unaffected.",
         applies=_encoder_fast_path_no_key),
+} | {
+    f"transformer_{kind}_layer/vjp/float32": Deviation(
+        f"nn.Transformer{kind.capitalize()}Layer's backward on the CPU goes through "
+        "F.scaled_dot_product_attention's backward, which recomputes the probabilities from "
+        "the saved log-sum-exp (the flash formulation): at saturated scores its gradient errs "
+        "by about u·|s| where the textbook formula errs by about 0 (measured on SDPA alone, "
+        "q and k entries ~ N(0, 10): error 2.3e-6 against the float32 textbook formula's "
+        "5e-14; ~ N(0, 33): 8.5e-6 against 6e-28). A residual stream around a large common "
+        "offset (±100–300) saturates the scores: worst error/tolerance at 150 examples "
+        f"{measured} (e.g. {example}); the examples without the offset conform (worst ratio "
+        f"{rest}), as does float64 on the offset examples ({f64}). Covered: inputs with "
+        f"|mean(x)| ≥ 50 (offset_residual_stream), within {bound:g}× the tolerance.",
+        applies=offset_residual_stream, bound=bound)
+    for kind, measured, example, rest, f64, bound in (
+        ("encoder", "3.6 (1.11 on a second run)",
+         "grad of the in-projection −0.1196 where the spec gives −0.0868", "0.027", "0.66",
+         8.0),
+        ("decoder", "16 (7.2 on a second run)",
+         "grad of the self-attention in-projection 1.43 where the spec gives −0.738",
+         "0.0092", "0.24", 32.0))
 } | half_intermediates(
     "transformer_encoder_layer/forward/{dtype}",
     "nn.TransformerEncoderLayer's inference fast path runs the whole layer in the input "

@@ -169,11 +169,12 @@ def test_every_builtin_deviation_is_narrow_or_bounded(name):
     b = _builtin(name)
     if not b.available()[0]:
         pytest.skip(b.available()[1])
-    for key, dev in b.deviations.items():
-        assert isinstance(dev, lmspec.Deviation), key
-        d = deviation_descriptor(key, dev)
-        assert d["predicate"] or d["bound"] is not None, key
-        assert len(dev.reason) > 80, key  # the cause and its measured size
+    for key, devs in b.deviations.items():
+        for dev in devs if isinstance(devs, tuple) else (devs,):  # a tuple: several parts
+            assert isinstance(dev, lmspec.Deviation), key
+            d = deviation_descriptor(key, dev)
+            assert d["predicate"] or d["bound"] is not None, key
+            assert len(dev.reason) > 80, key  # the cause and its measured size
 
 
 def _torch_copy(overrides: dict):
@@ -221,6 +222,39 @@ def test_a_clipping_bug_that_scales_gradients_up_in_torch_float16_fails():
     assert "clip_grad_norm" in b.deviations
     (r,) = _checks(b, "clip_grad_norm", "float16", n=60)
     assert r["status"] == "fail", r["message"]
+
+
+def test_a_residual_bug_on_offset_inputs_in_torch_float32_encoder_backward_fails():
+    from lmspec.backends import torch_attention as ta
+
+    def encoder(x, *rest, **kw):  # inside the offset region: the residual counted 1.1 times
+        out = ta.transformer_encoder_layer(x, *rest, **kw)
+        return out + 0.1 * x if abs(float(x.detach().mean())) >= 50 else out
+
+    b = _torch_copy({"transformer_encoder_layer": encoder})
+    dev = b.deviations["transformer_encoder_layer/vjp/float32"]
+    assert dev.applies is ta.offset_residual_stream and dev.bound == 8.0
+    (r,) = _checks(b, "transformer_encoder_layer", "float32", checks=("vjp",), n=60)
+    assert r["status"] == "fail", r["message"]
+    assert abs(float(np.mean(r["counterexample"]["input"]["args"][0]["array"]))) >= 50
+
+
+def test_torch_half_bounds_keep_the_nan_predicates_of_their_ops():
+    from lmspec.backends import torch_attention as ta
+    from lmspec.backends import torch_core as tc
+    from lmspec.backends import torch_training as tt
+
+    core, attn = tc.DEVIATIONS("cpu"), ta.DEVIATIONS("cpu")
+    for key in ("softmax/vjp/float16", "logsumexp/vjp/bfloat16", "log_softmax/vjp/float16"):
+        bound, nan = core[key]
+        assert bound.bound == key.rsplit("/", 1)[1] and nan.applies is tc.one_element_infinity
+    assert [d.bound for d in core["cross_entropy/forward/float16"]] == ["float16", None]
+    assert core["cross_entropy/forward/float16"][1].applies is tc.smoothing_overflows
+    assert attn["scaled_dot_product_attention/vjp/float16"][1] is attn[
+        "scaled_dot_product_attention"]
+    assert attn["transformer_encoder_layer/forward/bfloat16"][1] is attn[
+        "transformer_encoder_layer/forward"]
+    assert tt.DEVIATIONS["kl_divergence/forward/float16"][1] is tt.DEVIATIONS["kl_divergence"]
 
 
 def test_torch_sdpa_is_called_as_users_call_it_and_its_nan_is_declared():
