@@ -215,11 +215,36 @@ def _any_of(*preds: Any) -> Any:
 def _float32_softmax(op: str) -> Deviation:
     return Deviation(
         FLOAT32_SOFTMAX + " Judged as computed in float32 (bound). A query that sees no key "
-        "(mean of the values, see the deviation of the op) is not covered in float64.",
+        "(mean of the values, see the deviation of the op) keeps its predicate beside this "
+        "bound in float64.",
         bound="float32")
 
 
-DEVIATIONS: dict[str, object] = {
+def with_broader_predicates(devs: Mapping[str, Any]) -> dict[str, Any]:
+    """``devs`` with each narrower key also holding the predicate deviations of the broader
+    keys it shadows (``op/check/dtype`` shadows ``op/check``, ``op/*/dtype`` and ``op``;
+    ``op/*/dtype`` and ``op/check`` shadow ``op``): the narrowest key wins in the judge, so
+    without this float64's float32 bound would hide the no-key predicate. Each such key
+    holds a tuple; an example is excused when any part excuses it."""
+    def parts(dev: Any) -> tuple[Deviation, ...]:
+        return dev if isinstance(dev, tuple) else (dev,)
+
+    out = dict(devs)
+    for key, dev in devs.items():
+        op, *rest = key.split("/")
+        if not rest:
+            continue
+        broader = ([f"{op}/{rest[0]}", f"{op}/*/{rest[1]}", op]
+                   if len(rest) == 2 and rest[0] != "*" else [op])
+        mine = parts(dev)
+        extra = tuple(d for b in broader if b in devs for d in parts(devs[b])
+                      if d.applies is not None and d not in mine)
+        if extra:
+            out[key] = mine + extra
+    return out
+
+
+_DEVIATIONS: dict[str, object] = {
     "scaled_dot_product_attention": Deviation(MEAN_OF_VALUES, applies=_sdpa_no_key),
     "multi_head_attention": Deviation(MEAN_OF_VALUES, applies=_mha_no_key),
     "transformer_encoder_layer": Deviation(MEAN_OF_VALUES + " (self-attention)",
@@ -236,6 +261,7 @@ DEVIATIONS: dict[str, object] = {
      } | {f"layer_norm/{check}": FAST_VARIANCE
           for check in ("forward", "vjp", "zero_mean_unit_variance")
           } | {"layer_norm/vjp/float16": FAST_VARIANCE_FLOAT16_GRAD}
+DEVIATIONS = with_broader_predicates(_DEVIATIONS)
 
 
 # -- single-query attention (composed) -------------------------------------------------

@@ -327,7 +327,8 @@ def test_jax_returns_the_mean_of_the_values_for_a_query_that_sees_no_key():
     dev = ja.DEVIATIONS["scaled_dot_product_attention"]
     assert dev.applies((q, k, v, mask), {})
     assert not dev.applies((q, k, v, np.ones((2, 3), bool)), {})
-    assert ja.DEVIATIONS["scaled_dot_product_attention/*/float64"].bound == "float32"
+    bound, no_key = ja.DEVIATIONS["scaled_dot_product_attention/*/float64"]
+    assert bound.bound == "float32" and no_key is dev  # the no-key predicate beside it
 
 
 def test_the_example_packages_load(tmp_path):
