@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
@@ -64,6 +65,24 @@ def run_checks(backend: Any, op: str, dtypes: Sequence[str] = ("float64",),
     return [run_target(backend, Target(backend.name, op, dt, c), config,
                        dict(getattr(backend, "deviations", {}) or {}))
             for dt in dtypes for c in (checks or checks_of(op))]
+
+
+SANDBOX_VARIABLES = ("LMSPEC_SANDBOX", "LMSPEC_SANDBOX_NETWORK")
+
+
+@pytest.fixture(autouse=True)
+def _sandbox_choice_stays_in_its_test():
+    """``lmspec run`` called in-process records its ``--sandbox`` in the environment for
+    the hosts it starts; without this, a test's ``--sandbox none`` would leak into every
+    later subprocess of the same worker (and a planted ``.pth`` in a concurrent test would
+    then stop their reports)."""
+    before = {k: os.environ.get(k) for k in SANDBOX_VARIABLES}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture

@@ -37,7 +37,9 @@ def test_run_writes_a_complete_stable_report(tmp_path, capsys):
     assert all(RESULT_FIELDS <= set(r) for r in ra["results"])
     assert {r["dtype"] for r in ra["results"]} == {"float16", "bfloat16", "float32", "float64"}
     assert {r["check"] for r in ra["results"] if r["op"] == "softmax"} >= {"forward", "vjp"}
-    assert ra["summary"]["pass"] == len(ra["results"])
+    # every check passes or is a declared deviation (torch's half-precision intermediates)
+    s = ra["summary"]
+    assert s["pass"] + s["deviation"] == len(ra["results"]) and s["pass"] > s["deviation"]
     assert ra["report_id"] == rb["report_id"] == report.report_id(ra)
     title = f"# lmspec conformance report {ra['report_id']}"
     assert a.with_suffix(".md").read_text().startswith(title)
