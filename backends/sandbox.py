@@ -76,8 +76,13 @@ def _python_paths(hidden: list[Path]) -> list[str]:
     """The directories under the ``hidden`` ones (the home, /tmp) that the host's Python
     needs: its installation, the environment, ``sys.path`` and ``PYTHONPATH`` entries,
     outermost only; they are mounted back read-only."""
+    import lmspec.backends
+    import lmspec.conformance
+
+    packages = {os.path.dirname(os.path.dirname(m.__file__ or ""))  # an editable install's
+                for m in (lmspec, lmspec.backends, lmspec.conformance)}  # source tree
     found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable)), *sys.path,
+             os.path.dirname(os.path.realpath(sys.executable)), *sys.path, *packages,
              *os.environ.get("PYTHONPATH", "").split(os.pathsep)}
     inside = sorted({os.path.realpath(p) for p in found if p}
                     | {os.path.abspath(p) for p in found if p})
@@ -106,6 +111,8 @@ def _probe() -> tuple[str, tuple[str, ...]] | None:
             "--unshare-pid", "--unshare-net", "--die-with-parent", "--new-session"]
     if os.geteuid() == 0:
         base += ["--cap-drop", "ALL"]
+    for path in _python_paths([Path("/tmp")]):  # an interpreter or venv under /tmp
+        base += ["--ro-bind", path, path]
     for extra in ((), ("--unshare-user",)):
         try:
             r = subprocess.run([exe, *extra, *base, "--", sys.executable, "-I", "-c", "0"],
