@@ -160,6 +160,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lmspec.conformance import harness, report, runner
     from lmspec.conformance.pytest_plugin import HOSTS
 
+    # This process is the judge (the controller), also when it was started from inside a
+    # pytest-xdist worker of some other test session: that session's worker variables
+    # would make the run's own pytest plugin behave as a worker (and leave, on a signal,
+    # without writing the report).
+    for var in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
+        del os.environ[var]
+
     for d in args.dtype or ():
         if d not in DTYPES:
             raise UsageError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}"
