@@ -132,9 +132,13 @@ def test_a_squatter_sorting_first_cannot_take_a_builtin_name(tmp_path):
 @pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_leaves_an_incomplete_report_with_every_finished_check(tmp_path, jobs, sig):
+    # 100 examples: the run lasts far longer than it takes this poller to see four lines and
+    # send the signal, even when a busy machine starves the poller (at 10 examples the whole
+    # run could finish between two polls, and no check was left to be stopped)
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmspec", "run", "--backend", "torch-cpu", "--op", "softmax",
-         "--op", "log_softmax", "--op", "lstm", "--max-examples", "10", "--jobs", str(jobs),
+         "--op", "log_softmax", "--op", "lstm", "--op", "gru", "--max-examples", "100",
+         "--jobs", str(jobs),
          "--report-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=_env())
     deadline = time.monotonic() + 300
