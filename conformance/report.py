@@ -237,7 +237,7 @@ def from_journal(path: str | Path) -> dict[str, Any]:
     got = {f"{r['backend']}::{r['op']}::{r['dtype']}::{r['check']}": r for r in results}
     targets = header.get("targets") or list(got)
     ordered = [got.get(t) or unrun(Target(*t.split("::", 3)), "interrupted: the run was "
-                                   "stopped before this check finished") for t in targets]
+                                   "stopped before this check finished").to_json() for t in targets]
     rep = build(ordered, header.get("settings", {}), header.get("backends", []),
                 sum(float(r.get("duration_s") or 0.0) for r in results),
                 incomplete=any(t not in got for t in targets))

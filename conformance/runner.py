@@ -1,9 +1,11 @@
 """One conformance run that survives: a journal, signals, and a report whatever happens.
 
-``lmspec run`` hands :func:`execute` the targets and the backends (already loaded in
-their hosts). The checks run as a pytest session (in this process for one job, under
-pytest-xdist for more, each reading the run's configuration from a private file); each
-finished check is appended to a journal in the report directory as it arrives.
+``lmspec run`` hands :func:`execute` its :class:`~lmspec.conformance.plan.RunPlan` (and,
+for one job, the hosts its backends are already loaded in). The checks run as a pytest
+session (in this process for one job, under pytest-xdist for more, each worker reading the
+plan from a private file); each result comes back as a
+:class:`~lmspec.conformance.record.CheckResult`, and each finished check is appended to
+a journal in the report directory as it arrives.
 ``SIGINT``/``SIGTERM`` from outside the judge (:mod:`lmspec.backends.guard`: a backend's
 signals are ignored) stop the session at once; the checks finished by then are kept and
 the rest become ``skipped`` with the reason ``interrupted``, so the report is valid and
@@ -21,13 +23,14 @@ import secrets
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmspec.backends import guard
 
-from .harness import Target
+from .plan import RunPlan, Target
+from .record import CheckResult
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """Exit status of a run stopped by a signal (128 + the signal's number)."""
@@ -52,12 +55,9 @@ def check_report_dir(directory: str | Path) -> Path:
     return d
 
 
-def unrun(t: Target, message: str, status: str = "skipped") -> dict[str, Any]:
+def unrun(t: Target, message: str, status: str = "skipped") -> CheckResult:
     """The record of a check that produced no result."""
-    return {"backend": t.backend, "op": t.op, "dtype": t.dtype, "check": t.check,
-            "status": status, "examples": 0, "max_abs_err": 0.0, "max_rel_err": 0.0,
-            "worst_ratio": 0.0, "tolerance": None, "message": message,
-            "counterexample": None, "reproduce": None}
+    return CheckResult(t.backend, t.op, t.dtype, t.check, status=status, message=message)
 
 
 def _key_path(journal: Path) -> Path:
@@ -133,29 +133,35 @@ def read_journal(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 
 class Collector:
-    """pytest plugin (controller side) that gathers result records as they arrive."""
+    """pytest plugin (controller side) that gathers the results as they arrive, by the
+    planned target of each test item."""
 
-    def __init__(self, on_result: Callable[[dict[str, Any]], None]):
-        self.results: dict[str, dict[str, Any]] = {}
+    def __init__(self, plan: RunPlan, on_result: Callable[[CheckResult], None]):
+        self.results: dict[Target, CheckResult] = {}
         self.on_result = on_result
+        self._by_id = {t.id: t for t in plan.targets}
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         from .pytest_plugin import RESULT_KEY
 
         res = dict(report.user_properties).get(RESULT_KEY)
-        key = report.nodeid.split("[", 1)[-1].rstrip("]")
-        if res is None:
-            if report.failed and key not in self.results and not guard.stopping():
-                # the judge crashed outside the harness (e.g. an xdist worker died)
-                b, op, dt, check = (key.split("::") + ["", "", "", ""])[:4]
-                res = unrun(Target(b, op, dt, check), (report.longreprtext or "crashed")[-2000:],
-                            "error")
-            else:
-                return
-        if key in self.results:
+        # the item's parameter is its target's id (pytest_plugin.pytest_generate_tests)
+        target = self._by_id.get(report.nodeid.rpartition("[")[2].rstrip("]"))
+        if target is None or target in self.results:
             return
-        self.results[key] = res
-        self.on_result(res)
+        if res is None:
+            if not report.failed or guard.stopping():
+                return
+            # the judge crashed outside the harness (e.g. an xdist worker died)
+            result = unrun(target, (report.longreprtext or "crashed")[-2000:], "error")
+        else:
+            result = CheckResult.from_json(json.loads(res))
+            if (result.backend, result.op, result.dtype, result.check) != (
+                    target.backend, target.op, target.dtype, target.check):
+                result = unrun(target, f"the judge returned the result of {result.id} for "
+                               "this check", "error")
+        self.results[target] = result
+        self.on_result(result)
 
 
 def _terminate_children() -> None:
@@ -174,50 +180,53 @@ def _terminate_children() -> None:
                 pass
 
 
-def execute(todo: Sequence[Target], cfg: dict[str, Any], jobs: int,
-            on_result: Callable[[dict[str, Any]], None]) -> tuple[list[dict[str, Any]], int | None]:
-    """Run ``todo`` as a pytest session; the results in ``todo``'s order (every target has
-    one) and the signal that stopped the run, if any."""
+def execute(plan: RunPlan, jobs: int, on_result: Callable[[CheckResult], None],
+            hosts: dict[tuple[str, str], Any] | None = None,
+            ) -> tuple[list[CheckResult], int | None]:
+    """Run ``plan`` as a pytest session of ``jobs`` workers (``hosts``: hosts already
+    started, lent to a one-job session); a result for every planned target, in the plan's
+    order, and the signal that stopped the run, if any."""
     import pytest
 
-    from . import pytest_plugin
+    from .pytest_plugin import PLAN_ENV, Judge
 
-    collector = Collector(on_result)
+    collector = Collector(plan, on_result)
+    judge = Judge(plan, hosts if jobs == 1 else None)
     pytest_args = ["-p", "lmspec.conformance.pytest_plugin", "-p", "no:cacheprovider",
                    "-p", "no:terminal", "-o", "addopts=", "--rootdir", os.getcwd(),
                    "--pyargs", "lmspec.conformance.suite"]
     if jobs > 1:
         pytest_args += ["-n", str(jobs)]
     stopped: list[int] = []
-    old = os.environ.get(pytest_plugin.CONFIG_ENV)
-    cfg_dir = tempfile.mkdtemp(prefix="lmspec-run-")  # mode 0700
-    cfg_path = Path(cfg_dir) / "config.json"
-    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
-    os.environ[pytest_plugin.CONFIG_ENV] = str(cfg_path)
-    pytest_plugin.config.cache_clear()
-    pytest_plugin.backends.cache_clear()
+    old = os.environ.get(PLAN_ENV)
+    plan_dir = tempfile.mkdtemp(prefix="lmspec-run-")  # mode 0700
+    plan_path = Path(plan_dir) / "plan.json"
+    plan.write(plan_path)
+    os.environ[PLAN_ENV] = str(plan_path)
     code: Any = None
     try:
         with guard.on_stop(lambda signum: _terminate_children()):
-            code = pytest.main(pytest_args, plugins=[collector])
+            code = pytest.main(pytest_args, plugins=[collector, judge])
     except KeyboardInterrupt:
         stopped.append(guard.stopping() or signal.SIGINT)
     finally:
         if old is None:
-            os.environ.pop(pytest_plugin.CONFIG_ENV, None)
+            os.environ.pop(PLAN_ENV, None)
         else:
-            os.environ[pytest_plugin.CONFIG_ENV] = old
-        cfg_path.unlink(missing_ok=True)
-        os.rmdir(cfg_dir)
-        pytest_plugin.close_hosts()
+            os.environ[PLAN_ENV] = old
+        plan_path.unlink(missing_ok=True)
+        os.rmdir(plan_dir)
+        judge.close()
+        for host in (hosts or {}).values():  # lent ones too: the checks are over
+            host.close()
         guard.kill_descendants()  # whatever a host left behind goes before the report
     if guard.stopping() and not stopped:
         stopped.append(guard.stopping())
     if code == pytest.ExitCode.INTERRUPTED and not stopped:
         stopped.append(signal.SIGINT)
     results = []
-    for t in todo:
-        r = collector.results.get(t.id)
+    for t in plan.targets:
+        r = collector.results.get(t)
         if r is None:
             r = unrun(t, "interrupted: the run was stopped before this check finished") if (
                 stopped) else unrun(t, f"no result was produced (pytest exit code {code})",
