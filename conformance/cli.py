@@ -3,49 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import difflib
-import fnmatch
 import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from tabulate import tabulate
 
 import lmspec
-from lmspec._precision import DTYPES
+from lmspec.conformance.cli_common import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    backend_table,
+)
+from lmspec.conformance.cli_run import CHECKS_PER_WORKER, cmd_run
 from lmspec.conformance.profiles import DTYPE_NAMES, PROFILES, profile_help
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that went away
-
-
-class UsageError(Exception):
-    """Bad usage or configuration: exit 2."""
-
-
-def _table(args: argparse.Namespace, names: Sequence[str] = ()):
-    """The backends, each loaded in a host process of its plugin; when every name asked
-    for is a built-in one, only the built-in plugin is loaded."""
-    from lmspec.backends.discovery import BackendTable
-    from lmspec.backends.registry import BUILTIN_NAMES
-
-    only_builtin = bool(names) and all(n in BUILTIN_NAMES for n in names)
-    timeout = getattr(args, "timeout", None) or 30.0
-    # `lmspec backends --timeout` bounds loading and available(); `lmspec run --timeout`
-    # bounds each op call, and the first available() (an engine's import) gets a minute
-    probe = timeout if args.command == "backends" else max(timeout, 60.0)
-    return BackendTable.default(args.plugin, timeout, only_builtin=only_builtin,
-                                probe_timeout=probe)
-
 
 # -- lmspec backends -------------------------------------------------------------------
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    table = _table(args)
+    table = backend_table(args)
     try:
         rows = [e.row() for e in table.check()]
     finally:
@@ -63,7 +45,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_ops(args: argparse.Namespace) -> int:
     from lmspec.conformance.harness import checks_of
 
-    table = _table(args)
+    table = backend_table(args)
     table.close()
     entries = [e for e in table.entries if e.loaded]
     rows = []
@@ -97,224 +79,6 @@ def catalogue_markdown() -> str:
             for name, d in lmspec.OPS.items()]
     return tabulate(rows, ["op", "family", "signature", "differentiable in", "properties"],
                     tablefmt="github") + "\n"
-
-
-# -- lmspec run --------------------------------------------------------------------
-
-def _did_you_mean(word: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def _select_ops(globs: Sequence[str]) -> list[str]:
-    if not globs:
-        return list(lmspec.OPS)
-    ops: list[str] = []
-    for g in globs:
-        hit = [o for o in lmspec.OPS if fnmatch.fnmatchcase(o, g)]
-        if not hit:
-            raise UsageError(f"--op {g!r} matches no op{_did_you_mean(g, list(lmspec.OPS))}; "
-                             "the catalogue has: " + ", ".join(lmspec.OPS))
-        ops += [o for o in hit if o not in ops]
-    return [o for o in lmspec.OPS if o in ops]
-
-
-def _select_backends(table: Any, names: Sequence[str]) -> list[Any]:
-    """The entries to run: the ones named (each must be ok), else every available one
-    (saying which were skipped and why)."""
-    if not names:
-        entries = table.check()
-        for e in entries:
-            if not e.ok:
-                print(f"note: skipping backend {e.name}: {e.status}", file=sys.stderr)
-        chosen = [e for e in entries if e.ok]
-        if not chosen:
-            raise UsageError("no backend is available; see `lmspec backends`")
-        return chosen
-    chosen = []
-    for n in names:
-        e = table.get(n)
-        if e is None:
-            names_known = [x.name for x in table.entries]
-            raise UsageError(f"--backend {n!r} is not registered"
-                             f"{_did_you_mean(n, names_known)} (known: "
-                             f"{', '.join(names_known) or 'none'})")
-        table.check([e])
-        if not e.ok:
-            raise UsageError(f"backend {n!r} cannot run here: {e.status}")
-        chosen.append(e)
-    return chosen
-
-
-CHECKS_PER_WORKER = 24
-"""``--jobs N`` is an upper bound: a worker is started per this many checks at most,
-since starting one (a pytest-xdist worker and its backend host) costs about as much as
-running that many checks; so parallelism never makes a small run slower."""
-
-
-def effective_jobs(asked: int, checks: int) -> int:
-    return max(1, min(asked, checks // CHECKS_PER_WORKER))
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from lmspec.conformance import harness, report, runner
-    from lmspec.conformance.pytest_plugin import HOSTS
-
-    # This process is the judge (the controller), also when it was started from inside a
-    # pytest-xdist worker of some other test session: that session's worker variables
-    # would make the run's own pytest plugin behave as a worker (and leave, on a signal,
-    # without writing the report).
-    for var in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
-        del os.environ[var]
-
-    for d in args.dtype or ():
-        if d not in DTYPES:
-            raise UsageError(f"--dtype {d!r} is not one of {', '.join(DTYPES)}"
-                             f"{_did_you_mean(d, list(DTYPES))}")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise UsageError("--max-examples must be at least 1")
-    if args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
-    shard = None
-    if args.shard:
-        from lmspec.conformance.shards import parse_shard
-
-        try:
-            shard = parse_shard(args.shard)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    if not args.timeout > 0:
-        raise UsageError("--timeout must be a positive number of seconds")
-    ops = _select_ops(args.op)
-    known_checks = {c for op in ops for c in harness.checks_of(op)}
-    for c in args.check or ():
-        if c not in known_checks:
-            raise UsageError(f"--check {c!r} is not a check of the selected ops"
-                             f"{_did_you_mean(c, sorted(known_checks))} "
-                             f"(known: {', '.join(sorted(known_checks))})")
-    try:
-        report_dir = runner.check_report_dir(args.report_dir)
-    except OSError as exc:
-        raise UsageError(f"cannot write reports to --report-dir {args.report_dir}: "
-                         f"{exc.strerror or exc}") from None
-    from lmspec.backends import sandbox
-
-    try:
-        sandbox.use(sandbox.resolve(args.sandbox, args.allow_network))
-    except sandbox.SandboxUnavailable as exc:
-        raise UsageError(f"--sandbox bwrap: {exc}") from None
-    from lmspec.conformance import provenance
-
-    provenance.preload()
-    args.code_before = provenance.snapshot()  # compared before the report is written
-    table = _table(args, args.backend)
-    try:
-        return _run(args, table, ops, report_dir, harness, report, runner, HOSTS, shard)
-    finally:
-        HOSTS.clear()
-        table.close()
-
-
-def _run(args: argparse.Namespace, table: Any, ops: list[str], report_dir: Any, harness: Any,
-         report: Any, runner: Any, hosts: dict[Any, Any],
-         shard: tuple[int, int] | None = None) -> int:
-    from lmspec.conformance import terminal
-
-    for e in table.entries:
-        if e.status.startswith("failed to load"):
-            print(f"warning: plugin {e.source.label}: {e.status}", file=sys.stderr)
-    entries = _select_backends(table, args.backend)
-    backends = [e.backend() for e in entries]
-    everything = harness.targets(backends, ops, args.dtype, args.check)
-    if not everything:
-        declared = "; ".join(f"{e.name}: {', '.join(e.dtypes) or 'none'}" for e in entries)
-        raise UsageError(f"the selection is empty: no selected backend declares "
-                         f"{', '.join(args.dtype or ['any dtype'])} (declared: {declared})")
-    todo = everything
-    if shard is not None:
-        from lmspec.conformance.shards import shard as take_shard
-
-        todo = take_shard(everything, *shard)
-        if not todo:
-            raise UsageError(f"shard {args.shard} of {len(everything)} checks is empty")
-    jobs = effective_jobs(args.jobs, len(todo))
-    replay: list[str] = []
-    for e in entries:
-        if e.source.kind in ("--plugin", "LMSPEC_PLUGINS"):
-            replay += ["--plugin", e.source.target]
-    settings = harness.Settings(args.profile, args.max_examples, args.seed, args.timeout,
-                                shapes=args.shapes)
-    cfg = {"backends": [{"descriptor": e.descriptor, "source": [e.source.kind, e.source.target]}
-                        for e in entries],
-           "ops": ops, "dtypes": args.dtype, "checks": args.check, "profile": args.profile,
-           "max_examples": args.max_examples, "seed": args.seed, "timeout": args.timeout,
-           "replay_args": replay, "targets": [t.id for t in todo], "shapes": args.shapes}
-    rows = [e.row() for e in entries]
-    if jobs == 1:  # this process is the judge: lend it the hosts already started
-        hosts.update({(e.source.kind, e.source.target): e.host for e in entries})
-    else:  # the workers start their own: these exit while the workers start
-        table.dismiss()
-    run_settings = {
-        "profile": args.profile, "max_examples": settings.examples, "seed": args.seed,
-        "ops": ops,
-        "dtypes": args.dtype or sorted({t.dtype for t in everything}, key=list(DTYPES).index),
-        "checks": args.check or "all", "backends": [e.name for e in entries],
-        "plugins": list(args.plugin)}
-    if shard is not None:
-        run_settings["shard"] = args.shard
-    if args.shapes == "large":  # only then, so that the ids of other reports stay as they were
-        run_settings["shapes"] = args.shapes
-    print(f"lmspec {lmspec.__version__}: {terminal.plural(len(todo), 'check')} on "
-          f"{', '.join(e.name for e in entries)} ({terminal.plural(len(ops), 'op')}; "
-          f"profile {args.profile}, "
-          + ("large shapes, " if args.shapes == "large" else "")
-          + f"{settings.examples} examples per check, seed {args.seed}"
-          + (f", shard {args.shard}" if shard else "")
-          + (f"; {jobs} worker{'s' if jobs > 1 else ''}" if args.jobs > 1 else "") + ")",
-          file=sys.stderr)
-    journal = runner.Journal(report_dir, {"settings": run_settings, "backends": rows,
-                                          "targets": [t.id for t in todo]})
-    progress = terminal.Progress(len(todo))
-
-    def on_result(r: dict[str, Any]) -> None:
-        journal.write(r)
-        progress(r)
-
-    t0 = time.perf_counter()
-    try:
-        results, stopped = runner.execute(todo, cfg, jobs, on_result)
-    finally:
-        progress.close()
-    gpu = next((r["info"].get("device_name") for r in rows
-                if r["device"].startswith("cuda") and r.get("info")), None)
-    rep = report.build(results, run_settings, rows, time.perf_counter() - t0,
-                       incomplete=stopped is not None, extra_env={"gpu": gpu})
-    from lmspec.backends.sandbox import current
-    from lmspec.conformance import provenance
-
-    rep = provenance.stamp(rep, current().level, [e.source for e in entries])
-    changed = current().level == "none" and provenance.changed_since(
-        getattr(args, "code_before", {}))  # a sandboxed host cannot write them
-    if changed:  # a backend may have planted code in the judge: nothing here is citable
-        journal.close(remove=False)
-        print(f"lmspec: error: {changed}; no report is written (docs/security.md: run "
-              "untrusted backends with --sandbox bwrap)", file=sys.stderr)
-        return EXIT_FAIL
-    try:
-        paths = report.write(rep, report_dir)
-    except OSError as exc:
-        journal.close(remove=False)
-        print(f"lmspec: error: cannot write the report to {report_dir}: {exc}; the results are "
-              f"kept in {journal.path}", file=sys.stderr)
-        return EXIT_USAGE
-    journal.close(remove=True)
-    args.written = paths[0]
-    terminal.summary(rep, results, list(paths))
-    if stopped is not None:
-        print(f"interrupted by {signal.Signals(stopped).name}: the report is marked incomplete",
-              file=sys.stderr)
-        return runner.EXIT_SIGNAL.get(stopped, 128 + int(stopped))
-    return EXIT_FAIL if any(r["status"] in ("fail", "error") for r in results) else EXIT_OK
 
 
 # -- lmspec verify / replay ---------------------------------------------------------

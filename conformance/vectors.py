@@ -101,7 +101,7 @@ def _decode(x: Any, root: Path) -> Any:
 
 def _select(globs: list[str]) -> list[str]:
     import lmspec
-    from lmspec.conformance.cli import UsageError
+    from lmspec.conformance.cli_common import UsageError
 
     from .harness import CASES  # importing the harness declares every family's cases
 
@@ -354,7 +354,7 @@ def _record(name: str, op: str, dt: str, status: str, message: str, stats: Any,
 
 
 def load_manifest(root: Path) -> dict[str, Any]:
-    from lmspec.conformance.cli import UsageError
+    from lmspec.conformance.cli_common import UsageError
 
     try:
         m = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
@@ -391,7 +391,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lmspec._precision import DTYPES
-    from lmspec.conformance.cli import UsageError
+    from lmspec.conformance.cli_common import UsageError
 
     dtypes = args.dtype or list(DTYPES)
     for d in dtypes:
@@ -408,7 +408,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from lmspec.conformance import report, runner
-    from lmspec.conformance.cli import UsageError
+    from lmspec.conformance.cli_common import UsageError
 
     root, res = Path(args.directory), Path(args.results)
     if not res.is_dir():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lmspec.conformance import report
-from lmspec.conformance.cli import effective_jobs, main
+from lmspec.conformance.cli import main
+from lmspec.conformance.cli_run import effective_jobs
 from lmspec.conformance.harness import Target
 from lmspec.conformance.shards import parse_shard, shard
 
