@@ -15,7 +15,6 @@ the contract asks for zeros; the backend returns what JAX returns and declares i
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,8 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import lmspec
 from lmspec import Deviation
+from lmspec.backends import declared
+from lmspec.backends.declared import call_arguments, with_broader_predicates
+
+
+def half_intermediates(key: str, why: str, ratios: Mapping[str, float]) -> dict[str, Deviation]:
+    """:func:`lmspec.backends.declared.half_intermediates` as measured for JAX."""
+    return declared.half_intermediates(key, why, ratios,
+                                       "jax 0.10.2, XLA CPU, 20 examples per check", "0.33")
 
 NOTES = {
     "additive_attention": "JAX has no Bahdanau attention function: composed from matmuls, "
@@ -126,18 +132,6 @@ FLUSH_TO_ZERO = Deviation(
     "where the spec gives −0.0131. Covered: examples with a subnormal input.",
     applies=_has_subnormal)
 
-def call_arguments(op: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments of a call of ``op`` by name, defaults filled in, from an example of any
-    of its checks: a forward or vjp example's ``(args, kwargs)``, or a property's draw (one
-    positional tuple whose first element is the op's call)."""
-    if len(args) == 1 and not kwargs and isinstance(args[0], tuple) and args[0] \
-            and hasattr(args[0][0], "args"):
-        args, kwargs = tuple(args[0][0].args), dict(args[0][0].kwargs)
-    bound = inspect.signature(lmspec.OPS[op].reference).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def no_key_row(allow: np.ndarray) -> bool:
     """Some query row of a ``[..., L, S]`` visibility sees no key (``S ≥ 1``)."""
     return bool(allow.shape[-1] and (~np.asarray(allow, bool).any(axis=-1)).any())
@@ -193,19 +187,6 @@ MEAN_OF_VALUES = (
     "bfloat16; an error of max|mean v| (~0.1–1 for values drawn in [−2, 2]).")
 
 
-def half_intermediates(key: str, why: str, ratios: Mapping[str, float]) -> dict[str, Deviation]:
-    """Deviations ``key.format(dtype=d)`` for the half dtypes ``d`` in ``ratios``: the op, as
-    JAX runs it, rounds intermediates to ``d`` (``why``), so its examples are judged as if
-    computed in ``d``; ``ratios`` are the worst error/tolerance ratios measured under the
-    float32-intermediate gate (CONTRACT §6, 2026-12-06)."""
-    return {key.format(dtype=d): Deviation(
-        f"{why} Measured (jax 0.10.2, XLA CPU, 20 examples per check): worst error/tolerance "
-        f"{r:.3g} against the float32-intermediate model in {d}, while the same backend on "
-        f"the inputs widened to float32, its output rounded to {d}, conforms (worst ratio "
-        f"≤ 0.33): the difference is {d} intermediates. Judged at {d} working precision.",
-        bound=d) for d, r in ratios.items()}
-
-
 def _any_of(*preds: Any) -> Any:
     def applies(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
         return any(p(args, kwargs) for p in preds)
@@ -218,30 +199,6 @@ def _float32_softmax(op: str) -> Deviation:
         "(mean of the values, see the deviation of the op) keeps its predicate beside this "
         "bound in float64.",
         bound="float32")
-
-
-def with_broader_predicates(devs: Mapping[str, Any]) -> dict[str, Any]:
-    """``devs`` with each narrower key also holding the predicate deviations of the broader
-    keys it shadows (``op/check/dtype`` shadows ``op/check``, ``op/*/dtype`` and ``op``;
-    ``op/*/dtype`` and ``op/check`` shadow ``op``): the narrowest key wins in the judge, so
-    without this float64's float32 bound would hide the no-key predicate. Each such key
-    holds a tuple; an example is excused when any part excuses it."""
-    def parts(dev: Any) -> tuple[Deviation, ...]:
-        return dev if isinstance(dev, tuple) else (dev,)
-
-    out = dict(devs)
-    for key, dev in devs.items():
-        op, *rest = key.split("/")
-        if not rest:
-            continue
-        broader = ([f"{op}/{rest[0]}", f"{op}/*/{rest[1]}", op]
-                   if len(rest) == 2 and rest[0] != "*" else [op])
-        mine = parts(dev)
-        extra = tuple(d for b in broader if b in devs for d in parts(devs[b])
-                      if d.applies is not None and d not in mine)
-        if extra:
-            out[key] = mine + extra
-    return out
 
 
 _DEVIATIONS: dict[str, object] = {

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import logsumexp as _logsumexp
 
-from lmspec import Deviation
+from lmspec.backends.declared import one_element_deviations
 from lmspec.backends.jax_attention import half_intermediates
 
 NOTES = {
@@ -27,32 +26,6 @@ NOTES = {
 }
 
 STATIC = {"cross_entropy": ("label_smoothing",)}
-
-
-def one_element_infinity(args, kwargs) -> bool:
-    """The reduced axis has one element and some element of ``x`` is ±inf."""
-    x = np.asarray(args[0] if args else kwargs["x"])
-    axis = kwargs.get("axis", args[1] if len(args) > 1 else -1)
-    return bool(x.ndim and x.shape[axis] == 1
-                and np.isinf(x.astype(np.float64)).any())
-
-
-ONE_ELEMENT = (
-    "{engine} over a one-element axis computes exp(x − max) = exp(±inf ∓ inf) = NaN for an "
-    "infinite element, where the spec (CONTRACT §6, 2026-12-06) gives softmax 1, "
-    "log_softmax 0 and logsumexp the value with gradient 1: measured softmax([−inf]) and "
-    "softmax([+inf]) NaN, log_softmax likewise, their gradients NaN, logsumexp([−inf]) = −inf "
-    "(correct) with gradient NaN. Covered: examples whose reduced axis has one element and "
-    "holds an infinity.")
-
-
-def one_element_deviations(engine: str, vjp: bool = True) -> dict:
-    why = ONE_ELEMENT.format(engine=engine)
-    out = {op: Deviation(why, applies=one_element_infinity)
-           for op in ("softmax", "log_softmax")}
-    if vjp:
-        out["logsumexp/vjp"] = Deviation(why, applies=one_element_infinity)
-    return out
 
 
 DEVIATIONS = one_element_deviations(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import lmspec
+from lmspec.backends.declared import one_element_deviations
 from lmspec.backends.onnxruntime_backend import Runtime, as_int64, scalar_out
 
 NOTES = {
@@ -51,32 +52,6 @@ _LSE_WHY = (
     "negative is summed unshifted, log(sum(exp(x))), which underflows: [-inf, -718] gives "
     "-718 + 1.6e-12 (float64), [-inf, -745] gives -744.44 (error 0.56), and in float32 "
     "[-inf, -700] gives -inf. Slices without an infinity conform.")
-
-
-def one_element_infinity(args, kwargs) -> bool:
-    """The reduced axis has one element and some element of ``x`` is ±inf."""
-    x = np.asarray(args[0] if args else kwargs["x"])
-    axis = kwargs.get("axis", args[1] if len(args) > 1 else -1)
-    return bool(x.ndim and x.shape[axis] == 1
-                and np.isinf(x.astype(np.float64)).any())
-
-
-ONE_ELEMENT = (
-    "{engine} over a one-element axis computes exp(x − max) = exp(±inf ∓ inf) = NaN for an "
-    "infinite element, where the spec (CONTRACT §6, 2026-12-06) gives softmax 1, "
-    "log_softmax 0 and logsumexp the value with gradient 1: measured softmax([−inf]) and "
-    "softmax([+inf]) NaN, log_softmax likewise, their gradients NaN, logsumexp([−inf]) = −inf "
-    "(correct) with gradient NaN. Covered: examples whose reduced axis has one element and "
-    "holds an infinity.")
-
-
-def one_element_deviations(engine: str, vjp: bool = True) -> dict:
-    why = ONE_ELEMENT.format(engine=engine)
-    out = {op: lmspec.Deviation(why, applies=one_element_infinity)
-           for op in ("softmax", "log_softmax")}
-    if vjp:
-        out["logsumexp/vjp"] = lmspec.Deviation(why, applies=one_element_infinity)
-    return out
 
 
 def DEVIATIONS(provider: str) -> dict[str, Any]:  # noqa: N802 - the backend's DEVIATIONS hook

@@ -16,7 +16,6 @@ the opposite ("True = masked out") and are passed negated.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -27,9 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import lmspec
 from lmspec import Deviation
+from lmspec.backends import declared
+from lmspec.backends.declared import call_arguments, with_broader_predicates
 from lmspec.backends.torch_backend import device, torch_dtype
+
+
+def half_intermediates(key: str, why: str, ratios: Mapping[str, float]) -> dict[str, Deviation]:
+    """:func:`lmspec.backends.declared.half_intermediates` as measured for torch."""
+    return declared.half_intermediates(key, why, ratios, "torch 2.13 CPU, 30 examples per check",
+                                       "0.34")
 
 NOTES = {
     "additive_attention": "torch has no Bahdanau attention kernel: composed from F.linear, "
@@ -66,18 +72,6 @@ NOTES = {
     "~memory_valid. torch has no fast path for the decoder layer.",
 }
 
-
-
-def call_arguments(op: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments of a call of ``op`` by name, defaults filled in, from an example of any
-    of its checks: a forward or vjp example's ``(args, kwargs)``, or a property's draw (one
-    positional tuple whose first element is the op's call)."""
-    if len(args) == 1 and not kwargs and isinstance(args[0], tuple) and args[0] \
-            and hasattr(args[0][0], "args"):
-        args, kwargs = tuple(args[0][0].args), dict(args[0][0].kwargs)
-    bound = inspect.signature(lmspec.OPS[op].reference).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def flash_causal_nan(op: str):
@@ -132,44 +126,6 @@ def not_offset_residual_stream(args: Sequence[Any], kwargs: Mapping[str, Any]) -
 
 
 HALF = ("float16", "bfloat16")
-
-
-def half_intermediates(key: str, why: str, ratios: Mapping[str, float]) -> dict[str, Deviation]:
-    """Deviations ``key.format(dtype=d)`` for the half dtypes ``d`` in ``ratios``: torch
-    rounds intermediates of the op to ``d`` (``why``), so the examples are judged as if the
-    op were computed in ``d`` (``bound=d``); ``ratios`` are the worst error/tolerance ratios
-    measured under the float32-intermediate gate (CONTRACT §6, 2026-12-06)."""
-    return {key.format(dtype=d): Deviation(
-        f"{why} Measured (torch 2.13 CPU, 30 examples per check): worst error/tolerance "
-        f"{r:.3g} against the float32-intermediate model in {d}, while the same backend on "
-        f"the inputs widened to float32, its output rounded to {d}, conforms (worst ratio "
-        f"≤ 0.34): the difference is {d} intermediates. Judged at {d} working precision.",
-        bound=d) for d, r in ratios.items()}
-
-
-def _parts(dev: Any) -> tuple[Deviation, ...]:
-    return dev if isinstance(dev, tuple) else (dev,)
-
-
-def with_broader_predicates(devs: Mapping[str, Any]) -> dict[str, Any]:
-    """``devs`` with each narrower key also holding the predicate deviations of the broader
-    keys it shadows (``op/check/dtype`` shadows ``op/check``, ``op/*/dtype`` and ``op``;
-    ``op/*/dtype`` and ``op/check`` shadow ``op``): the narrowest key wins in the judge, so
-    without this a half-precision bound would hide a predicate measured in every dtype (the
-    NaN inputs). Each key then holds a tuple, an example excused when any part excuses it."""
-    out = dict(devs)
-    for key, dev in devs.items():
-        op, *rest = key.split("/")
-        if not rest:
-            continue
-        broader = ([f"{op}/{rest[0]}", f"{op}/*/{rest[1]}", op]
-                   if len(rest) == 2 and rest[0] != "*" else [op])
-        mine = _parts(dev)
-        extra = tuple(d for b in broader if b in devs for d in _parts(devs[b])
-                      if d.applies is not None and d not in mine)
-        if extra:
-            out[key] = mine + extra
-    return out
 
 
 def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's hook

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
+from lmspec.backends.declared import one_element_deviations
 from lmspec.backends.torch_attention import (
     call_arguments,
     half_intermediates,
@@ -76,32 +77,6 @@ SMOOTHING_OVERFLOW = (
     "(sum 65492), three rows [6000, −30 × 7] give inf (sum 126630; 528 when two of them are "
     "ignored), [8200, −36 × 7] (sum 57652) conforms: the sum over the kept rows overflows "
     "from about 6.0e4 (smoothing_overflows); the unsmoothed loss conforms.")
-
-
-def one_element_infinity(args, kwargs) -> bool:
-    """The reduced axis has one element and some element of ``x`` is ±inf."""
-    x = np.asarray(args[0] if args else kwargs["x"])
-    axis = kwargs.get("axis", args[1] if len(args) > 1 else -1)
-    return bool(x.ndim and x.shape[axis] == 1
-                and np.isinf(x.astype(np.float64)).any())
-
-
-ONE_ELEMENT = (
-    "{engine} over a one-element axis computes exp(x − max) = exp(±inf ∓ inf) = NaN for an "
-    "infinite element, where the spec (CONTRACT §6, 2026-12-06) gives softmax 1, "
-    "log_softmax 0 and logsumexp the value with gradient 1: measured softmax([−inf]) and "
-    "softmax([+inf]) NaN, log_softmax likewise, their gradients NaN, logsumexp([−inf]) = −inf "
-    "(correct) with gradient NaN. Covered: examples whose reduced axis has one element and "
-    "holds an infinity.")
-
-
-def one_element_deviations(engine: str, vjp: bool = True) -> dict:
-    why = ONE_ELEMENT.format(engine=engine)
-    out = {op: Deviation(why, applies=one_element_infinity)
-           for op in ("softmax", "log_softmax")}
-    if vjp:
-        out["logsumexp/vjp"] = Deviation(why, applies=one_element_infinity)
-    return out
 
 
 def DEVIATIONS(device: str) -> dict[str, Deviation]:  # noqa: N802 - the backend's DEVIATIONS hook

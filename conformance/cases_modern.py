@@ -299,7 +299,9 @@ def _window(draw, n_k: int):
             "wider than S": (n_k + 3, n_k + 3)}[kind]
 
 
-def _slopes(draw, dtype: str, b: int, h: int):
+def alibi_slopes(draw, dtype: str, b: int, h: int):
+    """ALiBi slopes for ``h`` heads (or ``[B, h]``), or none: Press et al.'s geometric
+    sequence or drawn ones (shared by the GQA and paged-attention strategies)."""
     kind = draw(st.sampled_from(["none", "none", "geometric [h]", "drawn [h]", "drawn [B,h]"]),
                 label="alibi kind")
     if kind == "none":
@@ -352,7 +354,7 @@ def _gqa(draw, dtype: str, *, plain: bool = False, causal: bool | None = None) -
         kw["q_offset"] = {"0": 0, "S - L": n_k - n_q, "negative": -2, "beyond S": n_k + 1,
                           "drawn": draw(st.integers(-3, n_k + 2), label="q_offset")}[offset]
         kw["window"] = _window(draw, n_k)
-        kw["alibi_slopes"] = _slopes(draw, dtype, b, h)
+        kw["alibi_slopes"] = alibi_slopes(draw, dtype, b, h)
         kw["softcap"] = draw(st.sampled_from([None, None, 1.0, 5.0, 30.0]), label="softcap")
     return Call((q, k, v, mask), kw)
 

@@ -40,6 +40,7 @@ from lmspec.serving import slots
 from . import draw as d
 from . import large_shapes as big
 from .cases_attention import _abs, _grad_factor, _values
+from .cases_modern import alibi_slopes
 from .declare import Call, Close, Holds, cases, prop
 
 PAGES = (3, 1, 2, 16, 5)
@@ -141,20 +142,10 @@ def _paged(draw, dtype: str, *, causal: bool | None = None, page: int | None = N
               "(w - 1, 0), w < page": (d.dim(draw, 1, 2, label="w") - 1, 0)}[wk]
     return Call((q, kc, vc, bt, lens, ind,
                  draw(st.sampled_from([None, None, 0.125, 1.0, -0.5]), label="scale"),
-                 is_causal, window, _slopes(draw, dtype, b, h),
+                 is_causal, window, alibi_slopes(draw, dtype, b, h),
                  draw(st.sampled_from([None, None, None, None, 1.0, 30.0]), label="softcap"),
                  _sinks(draw, dtype, h)),
                 {"return_lse": draw(st.sampled_from([False, False, True]), label="return_lse")})
-
-
-def _slopes(draw, dtype: str, b: int, h: int):
-    kind = draw(st.sampled_from(["none", "none", "geometric [h]", "drawn [h]", "drawn [B,h]"]),
-                label="alibi kind")
-    if kind == "none":
-        return None
-    if kind == "geometric [h]":  # Press et al.: 2^(-8i/h), i = 1..h
-        return d.as_dtype(2.0 ** (-8.0 * np.arange(1, h + 1) / h), dtype)
-    return d.floats(draw, dtype, (h,) if kind == "drawn [h]" else (b, h), 0, 2, label="slopes")
 
 
 def _sinks(draw, dtype: str, h: int):
