@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from lmspec import Deviation
-from lmspec.backends.jax_attention import call_arguments
+from lmspec.backends.declared import kl_backward_overflows
 
 IGNORE = -100
 
@@ -29,7 +29,6 @@ NOTES = {
     "a stable descending jnp.argsort, jnp.cumsum and jnp.where; temperature 0 is "
     "jnp.argmax.",
 }
-
 
 
 def _power_sum_leaves_range(args, kwargs) -> bool:
@@ -51,24 +50,6 @@ def _power_sum_leaves_range(args, kwargs) -> bool:
     return False
 
 
-def _kl_backward_overflows(args, kwargs) -> bool:
-    """float16 distillation examples where the KL backward's product of the cotangent
-    (|cot| ≤ 2, as drawn) by ``(1 − α)·T²/N·(ln p − ln q)`` can pass 65504: ``2·|1 − α|·T²/N
-    ·max|ln p − ln q| ≥ 65504`` with p, q the teacher's and student's softmax at T."""
-    a = call_arguments("distillation_loss", args, kwargs)
-    s, t = (np.asarray(a[n]).astype(np.float64) for n in ("student_logits", "teacher_logits"))
-    T, alpha = float(a["temperature"]), float(a["alpha"])
-
-    def log_softmax(z):
-        z = z / T
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    with np.errstate(all="ignore"):
-        gap = np.nanmax(np.abs(log_softmax(t) - log_softmax(s)), initial=0.0)
-    return bool(2 * abs(1 - alpha) * T * T / s.shape[0] * gap >= 65504)
-
-
 DEVIATIONS = {
     "clip_grad_norm/forward": Deviation(
         "jnp.linalg.norm(ord=p) sums |g|^p without rescaling, so the total norm is inf (all "
@@ -84,7 +65,7 @@ DEVIATIONS = {
         "|cot|·(1 − α)·T²/N·|ln p − ln q| > 65504, although the gradient is representable. "
         "Measured: grad teacher_logits −inf where the spec gives −2186 (the same example and "
         "mechanism as torch's F.kl_div backward). Covered: examples where the product can "
-        "pass 65504 for a drawn cotangent (|cot| ≤ 2).", applies=_kl_backward_overflows),
+        "pass 65504 for a drawn cotangent (|cot| ≤ 2).", applies=kl_backward_overflows),
 }
 
 STATIC = {

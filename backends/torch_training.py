@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.torch_attention import (
+from lmspec.backends.declared import (
     call_arguments,
     half_intermediates,
+    kl_backward_overflows,
     with_broader_predicates,
 )
 
@@ -127,24 +128,6 @@ def distillation_nan_terms(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bo
         if ((z - z.max(axis=-1, keepdims=True)) / T < -big * (1 - 2.0**-12)).any():
             return True
     return False
-
-
-def kl_backward_overflows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
-    """float16 distillation examples where the KL backward's product of the cotangent
-    (|cot| ≤ 2, as drawn) by ``(1 − α)·T²/N·(ln p − ln q)`` can pass 65504: ``2·|1 − α|·T²/N
-    ·max|ln p − ln q| ≥ 65504`` with p, q the teacher's and student's softmax at T."""
-    a = call_arguments("distillation_loss", args, kwargs)
-    s, t = (np.asarray(a[n]).astype(np.float64) for n in ("student_logits", "teacher_logits"))
-    T, alpha = float(a["temperature"]), float(a["alpha"])
-
-    def log_softmax(z: np.ndarray) -> np.ndarray:
-        z = z / T
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    with np.errstate(all="ignore"):
-        gap = np.nanmax(np.abs(log_softmax(t) - log_softmax(s)), initial=0.0)
-    return bool(2 * abs(1 - alpha) * T * T / s.shape[0] * gap >= 65504)
 
 
 _CLIP = (
