@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.declared import (
+from lmspec.backends.declared import kl_backward_overflows
+from lmspec.backends.torch_attention import (
     call_arguments,
     half_intermediates,
-    kl_backward_overflows,
     with_broader_predicates,
 )
 
