@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmspec import Deviation
-from lmspec.backends.torch_attention import flash_causal_nan, half_intermediates
+from lmspec.backends.torch_attention import AT_100, flash_causal_nan, half_intermediates
 
 NOTES = {
     "rms_norm": "F.rms_norm.",
@@ -85,6 +85,10 @@ _CPU_HALF = half_intermediates(
     "grouped_query_attention/forward/{dtype}",
     "F.scaled_dot_product_attention's CPU kernel for float16 rounds the scores or the "
     "weights to float16 between its matmuls.", {"float16": 3.18}) | half_intermediates(
+    "grouped_query_attention/forward/{dtype}",
+    "F.scaled_dot_product_attention's CPU kernel for bfloat16 rounds the scores or the "
+    "weights to bfloat16 between its matmuls.", {"bfloat16": 32.0}, AT_100, "0.315",
+) | half_intermediates(
     "rotary_embedding/vjp/{dtype}",
     "composed as Hugging Face transformers does it, the rotation a·cos − b·sin runs in the "
     "input dtype (each product rounded to it), and so does its backward.",
