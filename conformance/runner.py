@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmspec.backends import guard
+from lmspec.backends.host import cut
 
 from .plan import RunPlan, Target
 from .record import CheckResult
@@ -140,6 +141,16 @@ class Collector:
         self.results: dict[Target, CheckResult] = {}
         self.on_result = on_result
         self._by_id = {t.id: t for t in plan.targets}
+        self.internal_error: str | None = None
+        """The first internal error of the session (a worker's arrives formatted), in a
+        line: the reason given to the checks it left without a result."""
+
+    def pytest_internalerror(self, excrepr: Any, excinfo: Any) -> None:
+        if self.internal_error is None:
+            lines = [ln.strip(" E>") for ln in str(excrepr).splitlines()]
+            said = [ln for ln in lines if ln and ":" in ln and ln.split(":", 1)[0].replace(
+                ".", "").replace("_", "").isalnum() and not ln.startswith("File")]
+            self.internal_error = cut(said[-1] if said else repr(excinfo.value), 300)
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         from .pytest_plugin import RESULT_KEY
@@ -229,7 +240,8 @@ def execute(plan: RunPlan, jobs: int, on_result: Callable[[CheckResult], None],
         r = collector.results.get(t)
         if r is None:
             r = unrun(t, "interrupted: the run was stopped before this check finished") if (
-                stopped) else unrun(t, f"no result was produced (pytest exit code {code})",
-                                    "error")
+                stopped) else unrun(t, "no result was produced: " + (
+                    f"the judge's pytest session failed ({collector.internal_error})"
+                    if collector.internal_error else f"pytest exit code {code}"), "error")
         results.append(r)
     return results, (stopped[0] if stopped else None)

@@ -73,3 +73,16 @@ def test_the_collector_keys_results_by_planned_target():
     assert [(r.check, r.status) for r in got] == [("vjp", "error"), ("forward", "error")]
     assert "returned the result of b::softmax::float64::forward" in got[0].message
     assert got[1].message == "worker crashed"
+
+
+def test_an_internal_error_is_said_in_one_line():
+    c = Collector(_plan(), [].append)
+    text = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+            "    g()\nE   struct.error: 'i' format requires -2147483648 <= number\n")
+
+    class Info:
+        value = AssertionError("crash item")
+
+    c.pytest_internalerror(text, Info())
+    c.pytest_internalerror("AssertionError: later", Info())
+    assert c.internal_error == "struct.error: 'i' format requires -2147483648 <= number"
