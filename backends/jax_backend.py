@@ -37,6 +37,7 @@ import numpy as np
 
 import lmspec
 from lmspec._precision import DTYPES
+from lmspec.backends.engine_ops import EngineOps, declared_deviations
 from lmspec.sampling import SAMPLERS
 
 _CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda12-plugin")
@@ -149,7 +150,7 @@ def _family_module(family: str) -> Any | None:
         raise
 
 
-class JaxBackend:
+class JaxBackend(EngineOps):
     """A backend running JAX's functions, compiled by XLA, on one device (``cpu``,
     ``cuda:0`` …)."""
 
@@ -203,13 +204,9 @@ class JaxBackend:
 
     @cached_property
     def deviations(self) -> dict[str, Any]:  # type: ignore[override]
-        out: dict[str, Any] = {}
         if importlib.util.find_spec("jax") is None:  # unavailable: nothing to declare
-            return out
-        for mod in self._modules.values():
-            devs = getattr(mod, "DEVIATIONS", {})
-            out.update(devs(self.device) if callable(devs) else devs)
-        return out
+            return {}
+        return declared_deviations(self._modules.values(), self.device)
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
         if op in SAMPLERS:  # draw_tokens, draw_speculative: jitted in jax_sampling (§2)
@@ -217,20 +214,11 @@ class JaxBackend:
             if mod is None or not hasattr(mod, "sampler_backend"):
                 raise AttributeError(f"{self.name} does not implement {op}")
             return getattr(mod.sampler_backend(self), op)
-        if op.startswith("_") or op not in lmspec.OPS:
-            raise AttributeError(op)
-        if op not in self._impls:
-            raise AttributeError(f"{self.name} does not implement {op}")
+        return super().__getattr__(op)
 
-        def method(*args: Any, **kwargs: Any) -> Any:
-            return self._call(op, args, kwargs)
-
-        method.__name__ = op
-        method.__doc__ = self._impls[op].__doc__
-        return method
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(self._impls))
+    def _invoke(self, op: str, impl: Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any]) -> Any:
+        return self._call(op, args, kwargs)
 
     # -- protocol ----------------------------------------------------------------
     def available(self) -> tuple[bool, str]:

@@ -26,7 +26,7 @@ import importlib.util
 import os
 import re
 import tempfile
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 
 import lmspec
 from lmspec._precision import DTYPES
+from lmspec.backends.engine_ops import EngineOps, declared_deviations
 
 _NOT_YET = re.compile(r"\w+ operator does not support \w+ yet")
 _SCHEMA_TYPE = re.compile(r"Type Error: Type '[^']+' of input parameter \(\w+\) of operator "
@@ -252,7 +253,7 @@ def _inserted_casts(ours: Any, optimized: Any) -> set[str]:
             if n.op_type != "Cast" and any(i in cast_outs for i in n.input)} or {"?"}
 
 
-class OrtBackend:
+class OrtBackend(EngineOps):
     """A backend running ONNX Runtime's kernels on one execution provider."""
 
     def __init__(self, name: str, device: str, dtypes: Sequence[str],
@@ -284,30 +285,13 @@ class OrtBackend:
 
     @cached_property
     def deviations(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
         if importlib.util.find_spec("onnxruntime") is None:  # unavailable: nothing to declare
-            return out
-        for mod in self._modules():
-            devs = getattr(mod, "DEVIATIONS", {})
-            out.update(devs(self.provider) if callable(devs) else devs)
-        return out
+            return {}
+        return declared_deviations(self._modules(), self.provider)
 
-    def __getattr__(self, op: str) -> Callable[..., Any]:
-        if op.startswith("_") or op not in lmspec.OPS:
-            raise AttributeError(op)
-        impl = self._impls.get(op)
-        if impl is None:
-            raise AttributeError(f"{self.name} does not implement {op}")
-
-        def method(*args: Any, **kwargs: Any) -> Any:
-            return impl(self._rt, *args, **kwargs)
-
-        method.__name__ = op
-        method.__doc__ = impl.__doc__
-        return method
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(self._impls))
+    def _invoke(self, op: str, impl: Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any]) -> Any:
+        return impl(self._rt, *args, **kwargs)
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -22,6 +22,7 @@ import numpy as np
 
 import lmspec
 from lmspec._precision import DTYPES
+from lmspec.backends.engine_ops import EngineOps, declared_deviations
 from lmspec.sampling import SAMPLERS
 
 _DEVICE: ContextVar[str] = ContextVar("lmspec_torch_device", default="cpu")
@@ -73,7 +74,9 @@ def _flat(x: Any) -> list[Any]:
     return [b for a in x for b in _flat(a)] if isinstance(x, (tuple, list)) else [x]
 
 
-class TorchBackend:
+class TorchBackend(EngineOps):
+    EXTRA_OPS = frozenset(SAMPLERS)
+
     """A backend running torch's kernels on one device (``cpu``, ``cuda:0`` …).
 
     Public base class for plugins: a subclass sets :attr:`kernels` to replace some ops
@@ -123,31 +126,15 @@ class TorchBackend:
 
     @cached_property
     def deviations(self) -> dict[str, str]:  # type: ignore[override]
-        out: dict[str, str] = {}
         if importlib.util.find_spec("torch") is None:  # unavailable: nothing to declare
-            return out
-        for fam in lmspec.FAMILIES:
-            mod = importlib.import_module(f"lmspec.backends.torch_{fam}")
-            devs = getattr(mod, "DEVIATIONS", {})
-            out.update(devs(self.device) if callable(devs) else devs)
+            return {}
+        out = declared_deviations((importlib.import_module(f"lmspec.backends.torch_{fam}")
+                                   for fam in lmspec.FAMILIES), self.device)
         return {k: v for k, v in out.items() if k.split("/")[0] not in self.kernels}
 
-    def __getattr__(self, op: str) -> Callable[..., Any]:
-        if op.startswith("_") or (op not in lmspec.OPS and op not in SAMPLERS):
-            raise AttributeError(op)
-        impl = self._impls.get(op)
-        if impl is None:
-            raise AttributeError(f"{self.name} does not implement {op}")
-
-        def method(*args: Any, **kwargs: Any) -> Any:
-            return self._call(impl, args, kwargs)
-
-        method.__name__ = op
-        method.__doc__ = impl.__doc__
-        return method
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(self._impls))
+    def _invoke(self, op: str, impl: Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any]) -> Any:
+        return self._call(impl, args, kwargs)
 
     # -- protocol ----------------------------------------------------------------
     def available(self) -> tuple[bool, str]:

@@ -1,0 +1,51 @@
+"""What the built-in engine backends (torch, JAX, ONNX Runtime) share: the catalogue's ops
+as methods, each dispatched to the engine module that implements it, and the deviations
+those modules declare."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import lmspec
+
+
+def declared_deviations(modules: Iterable[Any], where: str) -> dict[str, Any]:
+    """The ``DEVIATIONS`` of each engine module, a dict or a function of ``where`` (the
+    device or execution provider: most are measured on one of them)."""
+    out: dict[str, Any] = {}
+    for mod in modules:
+        devs = getattr(mod, "DEVIATIONS", {})
+        out.update(devs(where) if callable(devs) else devs)
+    return out
+
+
+class EngineOps:
+    """``backend.softmax(...)`` for every op in :attr:`_impls` (and the extra names in
+    :attr:`EXTRA_OPS`), calling :meth:`_invoke`; an op of the catalogue the engine does
+    not implement is an ``AttributeError`` naming the backend."""
+
+    name: str
+    EXTRA_OPS: frozenset[str] = frozenset()
+    _impls: Mapping[str, Callable[..., Any]]
+
+    def _invoke(self, op: str, impl: Callable[..., Any], args: Sequence[Any],
+                kwargs: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        if op.startswith("_") or (op not in lmspec.OPS and op not in self.EXTRA_OPS):
+            raise AttributeError(op)
+        impl = self._impls.get(op)
+        if impl is None:
+            raise AttributeError(f"{self.name} does not implement {op}")
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return self._invoke(op, impl, args, kwargs)
+
+        method.__name__ = op
+        method.__doc__ = impl.__doc__
+        return method
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._impls))
