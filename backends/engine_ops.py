@@ -8,16 +8,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lmspec
+from lmspec.backends.declared import with_broader_predicates
 
 
 def declared_deviations(modules: Iterable[Any], where: str) -> dict[str, Any]:
     """The ``DEVIATIONS`` of each engine module, a dict or a function of ``where`` (the
-    device or execution provider: most are measured on one of them)."""
+    device or execution provider: most are measured on one of them), with every narrower
+    key also holding the predicates of the broader keys it shadows, across modules
+    (:func:`~lmspec.backends.declared.with_broader_predicates`: else jax-cpu's float16
+    bound on ``softmax/vjp`` hid its one-element-axis NaN predicate on ``softmax``)."""
     out: dict[str, Any] = {}
     for mod in modules:
         devs = getattr(mod, "DEVIATIONS", {})
         out.update(devs(where) if callable(devs) else devs)
-    return out
+    return with_broader_predicates(out)
 
 
 class EngineOps:
