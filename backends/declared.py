@@ -65,6 +65,16 @@ def _parts(dev: Any) -> tuple[Deviation, ...]:
     return dev if isinstance(dev, tuple) else (dev,)
 
 
+def merged(*groups: Mapping[str, Any]) -> dict[str, Any]:
+    """The deviations of ``groups`` together: a key declared in several holds all of
+    them (a tuple), where ``|`` would keep only the last."""
+    out: dict[str, Any] = {}
+    for group in groups:
+        for key, dev in group.items():
+            out[key] = _parts(out[key]) + _parts(dev) if key in out else dev
+    return out
+
+
 def with_broader_predicates(devs: Mapping[str, Any]) -> dict[str, Any]:
     """``devs`` with each narrower key also holding the predicate deviations of the broader
     keys it shadows (``op/check/dtype`` shadows ``op/check``, ``op/*/dtype`` and ``op``;

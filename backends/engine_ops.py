@@ -8,20 +8,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lmspec
-from lmspec.backends.declared import with_broader_predicates
+from lmspec.backends.declared import merged, with_broader_predicates
 
 
 def declared_deviations(modules: Iterable[Any], where: str) -> dict[str, Any]:
     """The ``DEVIATIONS`` of each engine module, a dict or a function of ``where`` (the
-    device or execution provider: most are measured on one of them), with every narrower
+    device or execution provider: most are measured on one of them), a key declared by
+    two modules holding both (:func:`~lmspec.backends.declared.merged`), every narrower
     key also holding the predicates of the broader keys it shadows, across modules
     (:func:`~lmspec.backends.declared.with_broader_predicates`: else jax-cpu's float16
     bound on ``softmax/vjp`` hid its one-element-axis NaN predicate on ``softmax``)."""
-    out: dict[str, Any] = {}
+    groups = []
     for mod in modules:
         devs = getattr(mod, "DEVIATIONS", {})
-        out.update(devs(where) if callable(devs) else devs)
-    return with_broader_predicates(out)
+        groups.append(devs(where) if callable(devs) else devs)
+    return with_broader_predicates(merged(*groups))
 
 
 class EngineOps:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmspec.backends.jax_attention import half_intermediates
+from lmspec.backends.jax_attention import AT_30, half_intermediates
 
 NOTES = {
     "rnn_cell": "tanh(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh) with jnp.tanh or jax.nn.relu.",
@@ -37,7 +37,12 @@ DEVIATIONS = half_intermediates(
     "the cell's matmuls (XLA's CPU dot at jax's default precision) return the gate "
     "pre-activations as arrays of the input dtype, and the gates and the cell state are "
     "computed in it (rounded to it), as in any JAX code that runs the cell in that dtype.",
-    {"float16": 3.91, "bfloat16": 4.29})
+    {"float16": 3.91, "bfloat16": 4.29}) | half_intermediates(
+    "gru_cell/*/{dtype}",
+    "the cell's matmuls (XLA's CPU dot at jax's default precision) return the gate "
+    "pre-activations as arrays of the input dtype, and the gates and the new state are "
+    "computed in it (rounded to it), and its backward likewise.",
+    {"float16": 6.95, "bfloat16": 3.56}, AT_30, "0.327")
 
 
 def _linear(x, W, b=None):

@@ -11,6 +11,7 @@ import numpy as np
 
 from lmspec import Deviation
 from lmspec.backends.declared import kl_backward_overflows
+from lmspec.backends.jax_attention import AT_30, OTHERWISE, half_intermediates
 
 IGNORE = -100
 
@@ -66,7 +67,18 @@ DEVIATIONS = {
         "Measured: grad teacher_logits −inf where the spec gives −2186 (the same example and "
         "mechanism as torch's F.kl_div backward). Covered: examples where the product can "
         "pass 65504 for a drawn cotangent (|cot| ≤ 2).", applies=kl_backward_overflows),
-}
+} | half_intermediates(
+    "kl_divergence/forward/{dtype}",
+    "Σ p·(log_p − log_q) / N is evaluated in the input dtype (p = jnp.exp(log_p), the "
+    "products and the sum are arrays of it; XLA CPU keeps half reductions in half).",
+    {"float16": 1.50, "bfloat16": 2.11}, AT_30, "0.326") | half_intermediates(
+    "kl_divergence/vjp/{dtype}",
+    "jax.vjp of the same composition: the gradient terms are arrays of the input dtype.",
+    {"bfloat16": 1.08}, AT_30, "0.320") | half_intermediates(
+    "clip_grad_norm/forward/{dtype}",
+    "jnp.linalg.norm sums |g|^p in the input dtype, and the clipping factor and the "
+    "clipped gradients are arrays of it.", {"float16": 1.58, "bfloat16": 2.00}, AT_30,
+    OTHERWISE)
 
 STATIC = {
     "clip_grad_norm": ("norm_type",),
