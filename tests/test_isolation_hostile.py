@@ -210,9 +210,11 @@ def test_a_pth_file_planted_without_a_sandbox_blocks_the_report(tmp_path):
 def test_sigterm_to_the_whole_process_group_is_an_interruption_not_a_verdict(tmp_path, jobs):
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmspec", "run", "--backend", "torch-cpu", "--op", "softmax",
-         "--op", "log_softmax", "--op", "lstm", "--max-examples", "10", "--jobs", str(jobs),
-         "--report-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_env(), start_new_session=True)
+         "--op", "log_softmax", "--op", "lstm", "--op", "gru", "--max-examples", "100",
+         "--jobs", str(jobs), "--report-dir", str(tmp_path)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=_env(), start_new_session=True)
+    # 100 examples: the run outlasts the poll below even on a busy machine (at 10 the whole
+    # run could end before the signal, and exit 0)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         journal = list(tmp_path.glob(".*.journal.jsonl"))
