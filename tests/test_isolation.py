@@ -161,6 +161,35 @@ def test_a_signal_leaves_an_incomplete_report_with_every_finished_check(tmp_path
     assert not [x for x in rep["results"] if x["status"] in ("fail", "error")]
 
 
+@pytest.mark.slow
+def test_a_signal_stops_a_replay_with_143_and_no_verdict_difference(tmp_path):
+    """`lmspec replay` stopped by SIGTERM exits 143 like `run`, lists no difference, and
+    leaves the replay's incomplete report."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    done = subprocess.run(
+        [sys.executable, "-m", "lmspec", "run", "--backend", "torch-cpu", "--op", "lstm",
+         "--op", "gru", "--dtype", "float64", "--max-examples", "100", "--report-dir",
+         str(first)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    (cited,) = first.glob("*.json")
+    proc = subprocess.Popen([sys.executable, "-m", "lmspec", "replay", str(cited),
+                             "--report-dir", str(again)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the replay is under way: two checks journalled
+        journal = list(again.glob(".*.journal.jsonl")) if again.exists() else []
+        if journal and len(journal[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "differ" not in out
+    rep = _only_report(again)
+    assert rep["incomplete"] is True
+    assert any(x["status"] == "skipped" for x in rep["results"])
+
+
 @pytest.mark.parametrize("make", ["file", "under-a-file"])
 def test_an_unusable_report_dir_is_refused_before_the_first_check(tmp_path, make):
     (tmp_path / "f").write_text("not a directory")
